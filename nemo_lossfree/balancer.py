@@ -1,0 +1,224 @@
+"""LossFreeBalancer: one all-reduce per global batch, then the bias update.
+
+Every rank that holds a replica of a router (the expert-parallel ranks and the
+data-, context- and tensor-parallel ranks around them: Megatron's TP x CP x DP
+group, which contains EP) sums its routers' counts with the others, so all
+replicas compute the same update from the same global counts and stay
+bit-identical. Pipeline stages own different layers: no reduction across PP.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from collections import OrderedDict
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+from nemo_lossfree import metrics as lf_metrics
+from nemo_lossfree.config import LossFreeConfig
+from nemo_lossfree.router import LossFreeRouter
+from nemo_lossfree.update import compute_bias_update, scheduled_rate
+
+logger = logging.getLogger(__name__)
+
+
+def find_routers(model_chunks: Iterable[torch.nn.Module]) -> list[LossFreeRouter]:
+    """Every LossFreeRouter in the chunks (virtual-pipeline chunks, MTP layers), in order."""
+    routers: list[LossFreeRouter] = []
+    seen: set[int] = set()
+    for chunk in model_chunks:
+        for module in chunk.modules():
+            if isinstance(module, LossFreeRouter) and id(module) not in seen:
+                seen.add(id(module))
+                routers.append(module)
+    return routers
+
+
+def layer_id(router: LossFreeRouter, index: int) -> int:
+    """Megatron's global layer number (MTP layers after the decoder); else the index."""
+    if router.layer_number is None:
+        return index
+    if router.is_mtp_layer:
+        return router.layer_number + router.config.num_layers
+    return router.layer_number
+
+
+class LossFreeBalancer:
+    """Reduces the routers' token counts and updates their biases.
+
+    Args:
+        model_chunks: a model or the list of model chunks (virtual pipeline).
+        config: the update settings; defaults to ``LossFreeConfig()``.
+        process_group: the router-replica group. Defaults to the routers' own
+            ``tp_dp_cp_group`` (from their ``pg_collection``).
+
+    Call ``step()`` once per global batch, after the last micro-batch's
+    backward and before the optimizer step, or ``attach(transformer_config)``
+    to have Megatron's ``finalize_model_grads_func`` call it.
+    """
+
+    def __init__(
+        self,
+        model_chunks: Union[torch.nn.Module, Sequence[torch.nn.Module]],
+        config: Optional[LossFreeConfig] = None,
+        process_group: Optional[dist.ProcessGroup] = None,
+    ) -> None:
+        chunks = [model_chunks] if isinstance(model_chunks, torch.nn.Module) else list(model_chunks)
+        self.routers = find_routers(chunks)
+        if not self.routers:
+            raise ValueError(
+                "model_chunks: no LossFreeRouter found; build the model from a spec passed "
+                "through nemo_lossfree.spec.use_loss_free_router"
+            )
+        self.config = config if config is not None else LossFreeConfig()
+        if not isinstance(self.config, LossFreeConfig):
+            raise TypeError(f"config: must be a LossFreeConfig, got {type(self.config).__name__}")
+        if self.routers[0].config.moe_router_enable_expert_bias:
+            raise ValueError(
+                "moe_router_enable_expert_bias: must be False when LossFreeBalancer is used"
+            )
+        self.process_group = process_group if process_group is not None else self._router_group()
+        self.steps_done = 0
+        self.last_metrics: dict[str, float] = {}
+        for router in self.routers:
+            router.balancer_attached = True
+
+    def _router_group(self) -> Optional[dist.ProcessGroup]:
+        groups = {id(r.tp_dp_cp_group): r.tp_dp_cp_group for r in self.routers}
+        if len(groups) > 1:
+            raise ValueError(
+                "process_group: the routers carry different tp_dp_cp groups; pass the "
+                "router-replica group explicitly"
+            )
+        return next(iter(groups.values()))
+
+    # ------------------------------------------------------------------ step
+    def current_rate(self) -> float:
+        return scheduled_rate(self.config, self.steps_done)
+
+    def _active(self) -> list[LossFreeRouter]:
+        # Same rule as Megatron-Core: a router in eval mode (a distillation
+        # teacher) or marked frozen keeps its bias.
+        return [r for r in self.routers if r.training and not r.frozen_expert_bias]
+
+    def reduce_counts(self, routers: Sequence[LossFreeRouter]) -> torch.Tensor:
+        """Sum the routers' counts over the replica group: one collective, float64.
+
+        float64 keeps counts exact past 2**24 tokens per expert (a large
+        global batch summed over many ranks), where float32 would round.
+        """
+        flat = torch.cat([r.local_tokens_per_expert.reshape(-1) for r in routers]).double()
+        if dist.is_available() and dist.is_initialized():
+            if self.process_group is None or dist.get_world_size(self.process_group) > 1:
+                dist.all_reduce(flat, group=self.process_group)
+        return flat
+
+    @torch.no_grad()
+    def step(self) -> dict[str, float]:
+        """Apply one update from this global batch's counts; return metrics.
+
+        Metrics (``lossfree/...``) are returned every ``config.log_every`` steps
+        and are identical on all ranks of the replica group. Raises
+        ``FloatingPointError`` on non-finite counts (after the reduction, so
+        every rank raises together).
+        """
+        routers = self._active()
+        if not routers:
+            return {}
+        flat = self.reduce_counts(routers)
+        if not torch.isfinite(flat).all():
+            raise FloatingPointError(
+                "LossFreeBalancer.step: non-finite expert counts after the all-reduce; "
+                "refusing to update the expert bias"
+            )
+        rate = self.current_rate()
+        # Split back per router, then group layers with the same expert count
+        # so each group is one [L, E] update (models may mix expert counts).
+        sizes = [r.local_tokens_per_expert.numel() for r in routers]
+        per_router = list(torch.split(flat, sizes))
+        by_experts: "OrderedDict[int, list[int]]" = OrderedDict()
+        for index, size in enumerate(sizes):
+            by_experts.setdefault(size, []).append(index)
+        log_now = self.steps_done % self.config.log_every == 0
+        maxvio: list[float] = []
+        dead: list[float] = []
+        result: dict[str, float] = {}
+        for indices in by_experts.values():
+            counts_LE = torch.stack([per_router[i] for i in indices])
+            bias_LE = torch.stack([routers[i].expert_bias for i in indices])
+            updated_LE = compute_bias_update(
+                counts_LE,
+                bias_LE,
+                rate=rate,
+                rule=self.config.update_rule,
+                center=self.config.center,
+            )
+            # A layer that saw no token this step has no information: keep it.
+            has_tokens_L1 = counts_LE.sum(dim=-1, keepdim=True) > 0
+            updated_LE = torch.where(has_tokens_L1, updated_LE, bias_LE)
+            for row, i in enumerate(indices):
+                routers[i].expert_bias.copy_(updated_LE[row])
+            if log_now:
+                vio_L = lf_metrics.max_violation(counts_LE).tolist()
+                maxvio.extend(vio_L)
+                dead.extend(lf_metrics.dead_expert_fraction(counts_LE).tolist())
+                for i, value in zip(indices, vio_L):
+                    result[f"lossfree/maxvio_batch_layer_{layer_id(routers[i], i)}"] = value
+        for router in routers:
+            router.local_tokens_per_expert.zero_()
+            router.forwards_since_update = 0
+        if log_now:
+            result.update(
+                lf_metrics.summarize(maxvio, [r.expert_bias for r in routers], dead)
+            )
+            result["lossfree/update_rate"] = rate
+            self.last_metrics = result
+        self.steps_done += 1
+        return result
+
+    # ---------------------------------------------------------- integration
+    def attach(self, transformer_config: Any) -> "LossFreeBalancer":
+        """Run ``step()`` inside ``transformer_config.finalize_model_grads_func``.
+
+        Megatron-Core's schedules, Megatron-LM's ``train()`` and
+        Megatron-Bridge call that function once per global batch after the
+        last backward, whatever the optimizer. If none is set yet, Megatron's
+        own ``finalize_model_grads`` is wrapped (Megatron-LM keeps a function
+        that is already set).
+        """
+        inner = getattr(transformer_config, "finalize_model_grads_func", None)
+        if getattr(inner, "_lossfree_balancer", None) is self:
+            return self
+        if inner is None:
+            from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+            inner = finalize_model_grads
+
+        @functools.wraps(inner)
+        def finalize_model_grads_with_lossfree(*args, **kwargs):
+            out = inner(*args, **kwargs)
+            self.step()
+            return out
+
+        finalize_model_grads_with_lossfree._lossfree_balancer = self  # type: ignore[attr-defined]
+        transformer_config.finalize_model_grads_func = finalize_model_grads_with_lossfree
+        return self
+
+    # ----------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume needs beyond the model's ``expert_bias`` buffers."""
+        return {"steps_done": self.steps_done, "config": self.config.to_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps_done = int(state["steps_done"])
+        saved = state.get("config")
+        if saved is not None and saved != self.config.to_dict():
+            logger.warning(
+                "LossFreeBalancer: resuming with a config that differs from the checkpoint's "
+                "(saved %s, now %s); the schedule continues from step %d",
+                saved, self.config.to_dict(), self.steps_done,
+            )

@@ -1,0 +1,1 @@
+"""Subcommands of the nemo-lossfree CLI, one module each."""

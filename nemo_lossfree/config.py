@@ -1,0 +1,137 @@
+"""LossFreeConfig: every knob of auxiliary-loss-free load balancing, validated.
+
+The config is deliberately framework-free (a plain dataclass) so that the same
+object comes out of a YAML ``lossfree:`` section, a Megatron-LM argparse
+namespace or Python code, and is checked in one place before any GPU time is
+spent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+UPDATE_RULES = ("sign", "proportional")
+SCHEDULES = ("constant", "inverse_time", "cosine", "linear_warmup")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_rate(name: str, value: Any) -> None:
+    if not _is_number(value) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
+
+
+def _check_steps(name: str, value: Any, *, optional: bool = False, minimum: int = 0) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"an integer >= {minimum}" + (" or null" if optional else "")
+        raise ValueError(f"{name}: must be {allowed}, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _coerce(annotation: str, value: Any) -> Any:
+    """Turn command-line strings into the field's type.
+
+    ``key=value`` overrides arrive as strings, and YAML 1.1 reads ``1e-3`` (no
+    dot) as a string too; anything that does not parse is left for
+    ``__post_init__`` to reject with the field's name.
+    """
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    try:
+        if annotation == "float":
+            return float(text)
+        if annotation in ("int", "Optional[int]"):
+            if annotation.startswith("Optional") and text.lower() in ("none", "null", "~"):
+                return None
+            return int(text)
+    except ValueError:
+        return value
+    if annotation == "bool" and text.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return text.lower() in ("true", "1", "yes")
+    return value
+
+
+@dataclass
+class LossFreeConfig:
+    """Settings of the loss-free balancer (Wang et al. 2024, arXiv 2408.15664).
+
+    After each global batch every MoE layer's bias moves by
+    ``rate(step) * direction(counts)``; see ``nemo_lossfree.update``.
+    """
+
+    #: Turns the feature on where a framework config carries a ``lossfree:`` section.
+    enabled: bool = True
+    #: Step size u of the bias update (the paper's 1e-3 for sigmoid scores).
+    update_rate: float = 1e-3
+    #: "sign": b += u * sign(mean - c) (the paper, Megatron-Core);
+    #: "proportional": b += u * (mean - c) / mean (a relative-error step).
+    update_rule: str = "sign"
+    #: Re-center every layer's bias to mean zero after each update. Top-K on
+    #: s + b is invariant to a common shift, so no routing decision changes.
+    center: bool = True
+    #: Step-size schedule over balancer steps; see ``update.scheduled_rate``.
+    schedule: str = "constant"
+    #: Linear ramp of the rate from u/warmup_steps to u over the first steps.
+    warmup_steps: int = 0
+    #: Time constant of the decaying schedules ("inverse_time", "cosine").
+    decay_steps: int = 1000
+    #: Floor of the decaying schedules.
+    min_update_rate: float = 0.0
+    #: Stop updating after this many steps (rate 0), as DeepSeek-V3 did for its
+    #: last tokens; None never freezes.
+    freeze_after_steps: Optional[int] = None
+    #: Record metrics every this many balancer steps.
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"lossfree.enabled: must be true or false, got {self.enabled!r}")
+        _check_rate("lossfree.update_rate", self.update_rate)
+        _check_choice("lossfree.update_rule", self.update_rule, UPDATE_RULES)
+        if not isinstance(self.center, bool):
+            raise ValueError(f"lossfree.center: must be true or false, got {self.center!r}")
+        _check_choice("lossfree.schedule", self.schedule, SCHEDULES)
+        _check_steps("lossfree.warmup_steps", self.warmup_steps)
+        _check_steps("lossfree.decay_steps", self.decay_steps, minimum=1)
+        _check_rate("lossfree.min_update_rate", self.min_update_rate)
+        if self.min_update_rate > self.update_rate:
+            raise ValueError(
+                "lossfree.min_update_rate: must be <= lossfree.update_rate "
+                f"({self.update_rate!r}), got {self.min_update_rate!r}"
+            )
+        _check_steps("lossfree.freeze_after_steps", self.freeze_after_steps, optional=True)
+        _check_steps("lossfree.log_every", self.log_every, minimum=1)
+        if self.schedule == "linear_warmup" and self.warmup_steps == 0:
+            raise ValueError(
+                "lossfree.warmup_steps: must be >= 1 when lossfree.schedule is linear_warmup, got 0"
+            )
+
+    @classmethod
+    def from_dict(cls, section: Optional[Mapping[str, Any]]) -> "LossFreeConfig":
+        """Build from a plain mapping such as a YAML ``lossfree:`` section.
+
+        Unknown keys are errors (a typo must not silently fall back to a default).
+        """
+        section = dict(section or {})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(section) - set(fields))
+        if unknown:
+            raise ValueError(
+                f"lossfree.{unknown[0]}: unknown key; allowed keys are {', '.join(sorted(fields))}"
+            )
+        return cls(**{k: _coerce(fields[k].type, v) for k, v in section.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,317 @@
+"""LossFreeRouter: Megatron-Core's TopKRouter with loss-free expert bias.
+
+Selection uses ``scores + expert_bias``; the gate weights that scale expert
+outputs use the unbiased scores, so the bias never enters the loss. The router
+only counts tokens; ``LossFreeBalancer`` reduces the counts and moves the bias
+once per global batch.
+
+Differences from ``TopKRouter(moe_router_enable_expert_bias=True)`` in
+megatron-core 0.19.2, each on purpose:
+- softmax score functions get the bias too (upstream refuses it in
+  ``TransformerConfig`` and ignores it in the softmax branch);
+- counts are the top-K selection of non-padding tokens, before capacity
+  dropping (the bias must see demand; post-drop counts hide overload);
+- a token is counted when the backward pass of its forward runs, so eval,
+  ``no_grad`` and the recompute pass of activation checkpointing (reentrant or
+  not) add nothing, and every trained token is counted exactly once;
+- ``expert_bias`` and ``local_tokens_per_expert`` never leave float32, even
+  through ``Float16Module``'s ``.bfloat16()`` (no round trip through bf16);
+- buffers follow the module's device; no ``torch.cuda.current_device()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Optional
+
+import torch
+
+from megatron.core.transformer.moe.moe_utils import (
+    apply_router_token_dropping,
+    compute_routing_scores_for_aux_loss,
+    group_limited_topk,
+    topk_routing_with_score_function,
+)
+from megatron.core.transformer.moe.router import TopKRouter
+
+# Buffers that must stay float32 whatever dtype the model is cast to.
+_FP32_BUFFERS = ("expert_bias", "local_tokens_per_expert")
+_UNSUPPORTED_BALANCING = ("sinkhorn", "quantile_balancing")
+# Training micro-batches without a balancer step before the router warns. Far
+# above the micro-batches of one global batch in practice.
+UNBALANCED_FORWARDS_WARNING = 4096
+
+logger = logging.getLogger(__name__)
+
+
+class _CommitCountsOnBackward(torch.autograd.Function):
+    """Identity on the gate weights; adds this forward's counts when its backward runs.
+
+    Backward runs once per trained micro-batch whatever recomputation did in
+    between: a reentrant checkpoint's first forward has no graph and its
+    recompute's graph is the one that is differentiated; a non-reentrant
+    checkpoint differentiates the original graph and discards the recompute's.
+    """
+
+    @staticmethod
+    def forward(ctx, probs, counts_E, router):  # noqa: D401 - autograd signature
+        ctx.counts_E = counts_E
+        ctx.router = router
+        return probs.view_as(probs)
+
+    @staticmethod
+    def backward(ctx, grad_probs):
+        ctx.router.local_tokens_per_expert.add_(ctx.counts_E)
+        return grad_probs, None, None
+
+
+class LossFreeRouter(TopKRouter):
+    """Top-K router whose selection is balanced by a per-expert bias.
+
+    Use it through ``MoESubmodules.router`` (see ``nemo_lossfree.spec``). It
+    accepts every ``TransformerConfig`` the upstream router accepts except
+    ``moe_router_enable_expert_bias=True`` (Megatron-Core would update the same
+    bias a second time in ``finalize_model_grads``) and the sinkhorn /
+    quantile-balancing routing types (they choose experts by other means).
+    """
+
+    def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False) -> None:
+        if config.moe_router_enable_expert_bias:
+            raise ValueError(
+                "moe_router_enable_expert_bias: must be False with LossFreeRouter; the "
+                "loss-free balancer owns the expert-bias update (Megatron-Core's "
+                "finalize_model_grads would apply a second one). Set it to False and "
+                "configure the update through LossFreeConfig."
+            )
+        routing_type = config.moe_router_load_balancing_type
+        types = routing_type if isinstance(routing_type, list) else [routing_type]
+        bad = [t for t in types if t in _UNSUPPORTED_BALANCING]
+        if bad:
+            raise ValueError(
+                f"moe_router_load_balancing_type: {bad[0]!r} selects experts without top-K on "
+                "scores and cannot be combined with LossFreeRouter; use none, aux_loss, "
+                "seq_aux_loss or global_aux_loss"
+            )
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
+        # TopKRouter left these as plain None attributes; make them ours.
+        for name in _FP32_BUFFERS:
+            if name in self.__dict__:
+                delattr(self, name)
+        device = self.weight.device
+        experts = self.config.num_moe_experts
+        self.register_buffer("expert_bias", torch.zeros(experts, dtype=torch.float32, device=device))
+        self.register_buffer(
+            "local_tokens_per_expert",
+            torch.zeros(experts, dtype=torch.float32, device=device),
+            persistent=False,
+        )
+        # Training micro-batches counted since the last balancer step; a loud
+        # warning when it grows without bound (no balancer is running).
+        self.forwards_since_update = 0
+        self.balancer_attached = False
+        # `frozen_expert_bias` (inherited, False) keeps Megatron's meaning: when a
+        # framework sets it (Megatron-LM's --freeze-all-layers does), the
+        # balancer leaves this router's bias alone.
+
+    # ----------------------------------------------------------------- dtype
+    def _apply(self, fn, recurse=True):
+        """Keep the bias and counts float32 (and bit-exact) through dtype casts.
+
+        ``Float16Module`` calls ``.bfloat16()`` on the whole model; a bias cast
+        to bf16 and back would collapse distinct values, and bf16 counts flip
+        update signs. Device moves still apply.
+        """
+        before = {name: self._buffers[name] for name in _FP32_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, original in before.items():
+            moved = self._buffers[name]
+            if moved is not None and moved.dtype != torch.float32:
+                self._buffers[name] = original.to(device=moved.device)
+        return self
+
+    def _follow_device(self, device: torch.device) -> None:
+        # Router.gating() moves only the weight to the compute device.
+        for name in _FP32_BUFFERS:
+            if self._buffers[name].device != device:
+                self._buffers[name] = self._buffers[name].to(device)
+
+    # -------------------------------------------------------------- routing
+    def _scores(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.score_function == "softmax":
+            return torch.softmax(logits, dim=-1, dtype=torch.float32)
+        if self.score_function == "sigmoid":
+            return torch.sigmoid(logits.float())
+        if self.score_function == "sqrtsoftplus":
+            return torch.nn.functional.softplus(logits.float()).sqrt()
+        raise ValueError(
+            f"moe_router_score_function: must be one of softmax, sigmoid, sqrtsoftplus; "
+            f"got {self.score_function!r}"
+        )
+
+    def _topk(self, scores_TE: torch.Tensor, topk: int, num_groups=None, group_topk=None):
+        if group_topk:
+            num_tokens, num_experts = scores_TE.shape
+            return group_limited_topk(
+                scores_TE, topk, num_tokens, num_experts, num_groups, group_topk
+            )
+        # Same as upstream: sorted only while training (indices order the dispatch).
+        return torch.topk(scores_TE, k=topk, dim=1, sorted=torch.is_grad_enabled())
+
+    def biased_topk(self, logits_TE: torch.Tensor):
+        """Top-K on biased scores; gates from unbiased scores.
+
+        Returns ``(probs_TE, routing_map_TE, top_indices_TK)``; ``top_indices_TK``
+        is None on the fused (Transformer Engine) path.
+        """
+        cfg = self.config
+        if cfg.moe_router_fusion and self.score_function != "softmax":
+            # TE's fused kernel applies expert_bias for sigmoid/sqrtsoftplus itself.
+            probs, routing_map = topk_routing_with_score_function(
+                logits_TE,
+                self.topk,
+                use_pre_softmax=cfg.moe_router_pre_softmax,
+                num_groups=cfg.moe_router_num_groups,
+                group_topk=cfg.moe_router_group_topk,
+                scaling_factor=cfg.moe_router_topk_scaling_factor,
+                score_function=self.score_function,
+                expert_bias=self.expert_bias,
+                fused=True,
+            )
+            return probs, routing_map, None
+
+        num_tokens, num_experts = logits_TE.shape
+        scores_TE = self._scores(logits_TE)
+        biased_TE = scores_TE + self.expert_bias
+        groups = (cfg.moe_router_num_groups, cfg.moe_router_group_topk)
+        if self.router_replay is None:
+            _, top_indices_TK = self._topk(biased_TE, self.topk, *groups)
+        else:
+            _, top_indices_TK = self.router_replay.get_replay_topk(
+                biased_TE, self.topk, *groups, self._topk
+            )
+
+        if self.score_function == "softmax" and not cfg.moe_router_pre_softmax:
+            # Post-softmax routing: the gate is a softmax over the chosen logits.
+            gates_TK = torch.softmax(
+                torch.gather(logits_TE, 1, top_indices_TK), dim=-1, dtype=torch.float32
+            )
+        else:
+            gates_TK = torch.gather(scores_TE, 1, top_indices_TK)
+            if self.score_function != "softmax" and self.topk > 1:
+                gates_TK = gates_TK / (gates_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        if cfg.moe_router_topk_scaling_factor:
+            gates_TK = gates_TK * cfg.moe_router_topk_scaling_factor
+        gates_TK = gates_TK.type_as(logits_TE)
+
+        if torch.are_deterministic_algorithms_enabled():
+            rows = torch.arange(num_tokens, device=logits_TE.device).unsqueeze(1)
+            probs_TE = torch.zeros_like(logits_TE)
+            probs_TE.index_put_((rows, top_indices_TK), gates_TK, accumulate=False)
+            routing_map_TE = torch.zeros_like(logits_TE, dtype=torch.bool)
+            routing_map_TE.index_put_(
+                (rows, top_indices_TK),
+                torch.ones_like(top_indices_TK, dtype=torch.bool),
+                accumulate=False,
+            )
+        else:
+            probs_TE = torch.zeros_like(logits_TE).scatter(1, top_indices_TK, gates_TK)
+            routing_map_TE = torch.zeros_like(logits_TE, dtype=torch.bool).scatter(
+                1, top_indices_TK, True
+            )
+        return probs_TE, routing_map_TE, top_indices_TK
+
+    def count_tokens(
+        self,
+        routing_map_TE: torch.Tensor,
+        top_indices_TK: Optional[torch.Tensor],
+        padding_mask_T: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """Per-expert counts of the non-padding tokens' selections, float32 ``[E]``.
+
+        ``padding_mask_T`` is True for padding (megatron-core's convention in
+        GPTModel and in the z-loss / aux-loss code). No host synchronisation.
+        """
+        num_experts = routing_map_TE.shape[-1]
+        if top_indices_TK is None:
+            selected_TE = routing_map_TE
+            if padding_mask_T is not None:
+                selected_TE = selected_TE & ~padding_mask_T.unsqueeze(-1)
+            return selected_TE.sum(dim=0, dtype=torch.float32)
+        if padding_mask_T is None:
+            weight_TK = torch.ones(top_indices_TK.shape, dtype=torch.float32, device=top_indices_TK.device)
+        else:
+            weight_TK = (~padding_mask_T).unsqueeze(-1).expand_as(top_indices_TK).float()
+        counts_E = torch.zeros(num_experts, dtype=torch.float32, device=top_indices_TK.device)
+        return counts_E.scatter_add_(0, top_indices_TK.reshape(-1), weight_TK.reshape(-1))
+
+    def _note_training_forward(self) -> None:
+        self.forwards_since_update += 1
+        if self.forwards_since_update == UNBALANCED_FORWARDS_WARNING:
+            what = "attached but never ran" if self.balancer_attached else "never created"
+            message = (
+                f"LossFreeRouter (layer {self.layer_number}): {self.forwards_since_update} training "
+                f"micro-batches without a bias update (the balancer was {what}); the expert bias "
+                "is frozen. Call LossFreeBalancer(model, config).attach(transformer_config), or "
+                "its .step() after every global batch."
+            )
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            logger.warning(message)
+
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """Top-K routing on biased scores, then upstream's token dropping and aux losses.
+
+        Args:
+            logits: ``[seq_length, bsz, E]`` gating logits.
+            padding_mask: ``[seq_length, bsz]``, True for padding tokens.
+
+        Returns:
+            ``(probs, routing_map)``, both ``[num_tokens, E]``, as TopKRouter.
+        """
+        seq_length, bsz = logits.shape[:2]
+        logits = logits.view(-1, self.config.num_moe_experts)
+        if padding_mask is not None:
+            padding_mask = padding_mask.reshape(-1)
+        self._follow_device(logits.device)
+
+        logits = self.apply_z_loss(logits, padding_mask=padding_mask)
+        probs, routing_map, top_indices = self.biased_topk(logits)
+
+        if self.training and torch.is_grad_enabled():
+            self._note_training_forward()
+            counts_E = self.count_tokens(routing_map, top_indices, padding_mask)
+            if probs.requires_grad:
+                probs = _CommitCountsOnBackward.apply(probs, counts_E, self)
+            else:  # frozen router: no backward will come; count now
+                self.local_tokens_per_expert.add_(counts_E)
+
+        if self.config.moe_expert_capacity_factor is not None:
+            probs, routing_map = apply_router_token_dropping(
+                probs,
+                routing_map,
+                router_topk=self.topk,
+                capacity_factor=self.config.moe_expert_capacity_factor,
+                drop_policy=self.config.moe_token_drop_policy,
+                pad_to_capacity=self.config.moe_pad_expert_input_to_capacity,
+            )
+
+        if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
+            routing_map_for_aux, scores_for_aux = compute_routing_scores_for_aux_loss(
+                logits,
+                self.topk,
+                self.score_function,
+                fused=self.config.moe_router_fusion,
+                padding_mask=padding_mask,
+            )
+            with_padding = padding_mask is not None
+            probs = self._apply_aux_loss(
+                probs, scores_for_aux, routing_map_for_aux, with_padding_mask=with_padding
+            )
+            probs = self._apply_seq_aux_loss(
+                probs, scores_for_aux, routing_map_for_aux, seq_length, bsz,
+                with_padding_mask=with_padding,
+            )
+            probs = self._apply_global_aux_loss(
+                probs, scores_for_aux, routing_map_for_aux, with_padding_mask=with_padding
+            )
+        return probs, routing_map

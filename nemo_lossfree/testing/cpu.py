@@ -1,0 +1,226 @@
+"""Opt-in CPU mode for Megatron-Core: run GPT-MoE models with gloo, no GPU.
+
+Megatron-Core assumes CUDA in a few places that do not matter for
+correctness on one host: ``torch.cuda.current_device()`` as an allocation
+device, CUDA streams and events for overlap, and the CUDA RNG state tracker.
+``enable()`` shims exactly those, and turns Megatron's ``jit_fuser``
+(``torch.compile``) off, which otherwise costs ~15 s per process on the first
+step. It does nothing at all when CUDA is available: this is for tests, the
+demo and laptops, never for a GPU job.
+
+Call ``enable()`` before anything imports ``megatron.core.transformer``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+from typing import Optional
+
+import torch
+
+_ENABLED = False
+
+
+class _NullStream:
+    """Stands in for torch.cuda.Stream: every op runs in order on the CPU."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return event if event is not None else _NullEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+class _NullEvent:
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, other) -> float:
+        return 0.0
+
+
+class CpuRNGStatesTracker:
+    """Megatron's CudaRNGStatesTracker API over CPU generator states.
+
+    ``fork(name)`` swaps the CPU default generator to the named state, so
+    tensor-parallel and expert-parallel initialisation draw from separate,
+    reproducible streams exactly as on GPUs.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def is_initialized(self) -> bool:
+        return bool(self.states_)
+
+    def reset(self) -> None:
+        self.states_ = {}
+        self.seeds_ = set()
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return {name: state.clone() for name, state in self.states_.items()}
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self.states_ = {name: state.clone() for name, state in states.items()}
+
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        self.states_[name] = generator.get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        original = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(original)
+
+
+def enable(force: bool = False) -> bool:
+    """Shim Megatron-Core's CUDA-only calls for CPU + gloo. Returns True if active.
+
+    A no-op (returning False) when CUDA is available, unless ``force`` (tests
+    of the shim itself on a GPU machine).
+    """
+    global _ENABLED
+    if _ENABLED:
+        return True
+    if torch.cuda.is_available() and not force:
+        return False
+    if "megatron.core.transformer.moe.router" in sys.modules:
+        warnings.warn(
+            "nemo_lossfree.testing.cpu.enable() ran after Megatron-Core's router was imported: "
+            "its jit_fuser stays torch.compile (slow first step on the CPU)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    from megatron.core import jit
+
+    jit.disable_jit_fuser()
+
+    cpu = torch.device("cpu")
+    torch.cuda.current_device = lambda: cpu  # allocation device for Megatron's buffers
+    torch.cuda.Stream = _NullStream
+    torch.cuda.Event = _NullEvent
+    torch.cuda.current_stream = lambda device=None: _NullStream()
+    torch.cuda.default_stream = lambda device=None: _NullStream()
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.manual_seed = lambda seed: None
+    torch.cuda.manual_seed_all = lambda seed: None
+
+    # The default causal mask is allocated with device="cuda" (and cached).
+    import functools
+
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as transformer_utils
+
+    @functools.lru_cache(maxsize=32)
+    def causal_mask_on_cpu(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+
+    transformer_utils.get_default_causal_mask = causal_mask_on_cpu
+    fused_softmax.get_default_causal_mask = causal_mask_on_cpu
+
+    from megatron.core.tensor_parallel import random as mp_random
+
+    mp_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    mp_random.initialize_rng_tracker = _keep_cpu_tracker
+    _ENABLED = True
+    return True
+
+
+def _keep_cpu_tracker(*args, force_reset: bool = False, **kwargs) -> None:
+    from megatron.core.tensor_parallel import random as mp_random
+
+    if force_reset or mp_random._CUDA_RNG_STATE_TRACKER is None:
+        mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def is_enabled() -> bool:
+    return _ENABLED
+
+
+def init_distributed(
+    rank: int,
+    world_size: int,
+    *,
+    init_method: str,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
+    expert_model_parallel_size: int = 1,
+    seed: int = 1234,
+    timeout_s: Optional[float] = 300.0,
+) -> None:
+    """gloo process group + Megatron model-parallel groups + seeded RNG tracker."""
+    import datetime
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    enable()
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="gloo",
+            init_method=init_method,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s) if timeout_s else None,
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+        create_gloo_process_groups=False,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
