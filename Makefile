@@ -41,3 +41,6 @@ demo: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Further targets (patches-check, slurm, ...), one file per topic.
+-include mk/*.mk
