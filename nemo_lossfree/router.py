@@ -31,6 +31,7 @@ from megatron.core.transformer.moe.moe_utils import (
     apply_router_token_dropping,
     compute_routing_scores_for_aux_loss,
     group_limited_topk,
+    router_gating_linear,
     topk_routing_with_score_function,
 )
 from megatron.core.transformer.moe.router import TopKRouter
@@ -135,6 +136,23 @@ class LossFreeRouter(TopKRouter):
         for name in _FP32_BUFFERS:
             if self._buffers[name].device != device:
                 self._buffers[name] = self._buffers[name].to(device)
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        """Router logits; moves the gate weights to the input's device if needed.
+
+        Upstream moves them to ``torch.cuda.current_device()``, which fails on
+        a CPU-only host and is wrong for non-CUDA accelerators.
+        """
+        for name in ("weight", "bias"):
+            param = getattr(self, name, None)
+            if param is not None and param.device != input.device:
+                param.data = param.data.to(device=input.device)
+        router_dtype = input.dtype
+        if self.config.moe_router_dtype == "fp32":
+            router_dtype = torch.float32
+        elif self.config.moe_router_dtype == "fp64":
+            router_dtype = torch.float64
+        return router_gating_linear(input, self.weight, self.bias, router_dtype)
 
     # -------------------------------------------------------------- routing
     def _scores(self, logits: torch.Tensor) -> torch.Tensor:

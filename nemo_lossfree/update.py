@@ -43,7 +43,10 @@ def compute_bias_update(
     """
     if counts.shape != bias.shape:
         raise ValueError(f"counts and bias must have the same shape, got {counts.shape} and {bias.shape}")
-    counts = counts.float()
+    # Counts stay in their own precision: float64 counts (the balancer's
+    # reduction) keep differences of one token visible past 2**24 tokens.
+    if not counts.is_floating_point():
+        counts = counts.double()
     mean = counts.sum(dim=-1, keepdim=True) / counts.shape[-1]
     offset = mean - counts
     if rule == "sign":
@@ -53,7 +56,7 @@ def compute_bias_update(
         step = torch.where(mean > 0, offset / mean.clamp(min=1e-12), torch.zeros_like(offset)) * rate
     else:
         raise ValueError(f"rule: must be one of sign, proportional; got {rule!r}")
-    updated = bias + step
+    updated = bias + step.to(bias.dtype)
     if center:
         updated = updated - updated.mean(dim=-1, keepdim=True)
     return updated

@@ -167,6 +167,17 @@ def enable(force: bool = False) -> bool:
 
     from megatron.core.tensor_parallel import random as mp_random
 
+    # There is no CUDA generator: its "state" is empty (the CPU state is
+    # captured separately by Megatron's checkpointing and recompute code).
+    no_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)  # noqa: E731
+    ignore_state = lambda *args, **kwargs: None  # noqa: E731
+    mp_random._get_cuda_rng_state = no_state
+    mp_random._set_cuda_rng_state = ignore_state
+    torch.cuda.get_rng_state = no_state
+    torch.cuda.set_rng_state = ignore_state
+    torch.cuda.get_rng_state_all = lambda: []
+    torch.cuda.set_rng_state_all = ignore_state
+
     mp_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True

@@ -1,0 +1,118 @@
+import math
+
+import pytest
+import torch
+
+from nemo_lossfree import LossFreeConfig
+from nemo_lossfree.update import compute_bias_update, scheduled_rate
+
+
+def _counts(layers=3, experts=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 500, (layers, experts), generator=g).float()
+
+
+def test_sign_rule_is_bit_identical_to_megatron(single_rank):
+    from megatron.core.transformer.moe.moe_utils import get_updated_expert_bias
+
+    counts = _counts()
+    bias = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
+    ours = compute_bias_update(counts, bias, rate=1e-3, rule="sign", center=False)
+    # Megatron all-reduces in place over a group; a one-rank group leaves the counts as they are.
+    theirs = get_updated_expert_bias(counts.clone(), bias, 1e-3)
+    assert torch.equal(ours, theirs)
+
+
+def test_sign_rule_moves_overloaded_experts_down():
+    counts = torch.tensor([[10.0, 30.0, 20.0, 20.0]])
+    bias = torch.zeros(1, 4)
+    new = compute_bias_update(counts, bias, rate=0.5, rule="sign")
+    assert new.tolist() == [[0.5, -0.5, 0.0, 0.0]]
+
+
+def test_proportional_rule_scales_with_relative_error():
+    counts = torch.tensor([[10.0, 30.0, 20.0, 20.0]])
+    new = compute_bias_update(counts, torch.zeros(1, 4), rate=1.0, rule="proportional")
+    assert torch.allclose(new, torch.tensor([[0.5, -0.5, 0.0, 0.0]]))
+    # Scale-free: the same shares at 10x the tokens give the same step.
+    assert torch.allclose(compute_bias_update(counts * 10, torch.zeros(1, 4), rate=1.0, rule="proportional"), new)
+
+
+def test_layers_without_tokens_do_not_move():
+    counts = torch.zeros(2, 4)
+    bias = torch.tensor([[0.1, -0.1, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    for rule in ("sign", "proportional"):
+        assert torch.equal(compute_bias_update(counts, bias, rate=1.0, rule=rule), bias)
+
+
+def test_centering_gives_mean_zero_and_changes_no_top_k_decision():
+    counts = _counts(layers=2, experts=32, seed=3)
+    bias = torch.randn(2, 32) + 5.0  # drifted, as in shipped checkpoints
+    plain = compute_bias_update(counts, bias, rate=1e-2, rule="sign", center=False)
+    centered = compute_bias_update(counts, bias, rate=1e-2, rule="sign", center=True)
+    assert torch.allclose(centered.mean(dim=-1), torch.zeros(2), atol=1e-6)
+    scores = torch.rand(4096, 32)
+    for layer in range(2):
+        top_plain = torch.topk(scores + plain[layer], k=4, dim=-1).indices.sort(dim=-1).values
+        top_centered = torch.topk(scores + centered[layer], k=4, dim=-1).indices.sort(dim=-1).values
+        assert torch.equal(top_plain, top_centered)
+
+
+def test_shapes_must_match():
+    with pytest.raises(ValueError, match="same shape"):
+        compute_bias_update(torch.zeros(2, 4), torch.zeros(2, 5), rate=1.0)
+
+
+def test_unknown_rule_is_refused():
+    with pytest.raises(ValueError, match="rule: must be one of sign, proportional"):
+        compute_bias_update(torch.zeros(4), torch.zeros(4), rate=1.0, rule="median")
+
+
+def test_float64_counts_keep_a_float32_bias():
+    counts = torch.tensor([2.0**25, 2.0**25 + 1, 2.0**25 - 1, 2.0**25], dtype=torch.float64)
+    new = compute_bias_update(counts, torch.zeros(4), rate=1.0)
+    assert new.dtype == torch.float32
+    # Exact in float64: the +-1 differences survive (float32 would round them away).
+    assert new.tolist() == [0.0, -1.0, 1.0, 0.0]
+
+
+def test_constant_schedule():
+    cfg = LossFreeConfig(update_rate=1e-3)
+    assert [scheduled_rate(cfg, t) for t in (0, 10, 10_000)] == [1e-3] * 3
+
+
+def test_inverse_time_schedule_halves_at_decay_steps():
+    cfg = LossFreeConfig(update_rate=1e-2, schedule="inverse_time", decay_steps=100)
+    assert scheduled_rate(cfg, 0) == pytest.approx(1e-2)
+    assert scheduled_rate(cfg, 100) == pytest.approx(5e-3)
+    assert scheduled_rate(cfg, 300) == pytest.approx(2.5e-3)
+    floored = LossFreeConfig(update_rate=1e-2, schedule="inverse_time", decay_steps=100, min_update_rate=4e-3)
+    assert scheduled_rate(floored, 300) == pytest.approx(4e-3)
+
+
+def test_cosine_schedule_ends_at_the_floor():
+    cfg = LossFreeConfig(update_rate=1e-2, schedule="cosine", decay_steps=100, min_update_rate=1e-3)
+    assert scheduled_rate(cfg, 0) == pytest.approx(1e-2)
+    assert scheduled_rate(cfg, 50) == pytest.approx(5.5e-3)
+    assert scheduled_rate(cfg, 100) == pytest.approx(1e-3)
+    assert scheduled_rate(cfg, 1000) == pytest.approx(1e-3)
+
+
+def test_warmup_ramps_then_follows_the_schedule():
+    cfg = LossFreeConfig(update_rate=1e-2, schedule="linear_warmup", warmup_steps=4)
+    assert [scheduled_rate(cfg, t) for t in range(6)] == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2])
+    decaying = LossFreeConfig(update_rate=1e-2, schedule="inverse_time", warmup_steps=4, decay_steps=10)
+    assert scheduled_rate(decaying, 4) == pytest.approx(1e-2)
+    assert scheduled_rate(decaying, 14) == pytest.approx(5e-3)
+
+
+def test_freeze_sets_the_rate_to_zero():
+    cfg = LossFreeConfig(update_rate=1e-3, freeze_after_steps=5)
+    assert scheduled_rate(cfg, 4) == 1e-3
+    assert scheduled_rate(cfg, 5) == 0.0
+    assert scheduled_rate(cfg, 50) == 0.0
+
+
+def test_negative_step_is_refused():
+    with pytest.raises(ValueError, match="step: must be >= 0"):
+        scheduled_rate(LossFreeConfig(), -1)
