@@ -1,0 +1,384 @@
+"""Cost of one balancer step: LossFreeBalancer.step() against Megatron-Core's update.
+
+A DeepSeek-V3-like set of routers (61 layers of which the first 3 are dense,
+so 58 MoE routers, plus one MTP layer: 59 routers of 256 experts) is built
+directly as modules in an ``nn.ModuleList`` on every rank of a gloo group
+(all layers on every rank: pipeline parallelism 1, the worst case for this
+step). Each step the routers' ``local_tokens_per_expert`` are filled with the
+same random counts (untimed), then one of these runs (timed, interleaved):
+
+- ``lossfree``: ``LossFreeBalancer.step()`` with metrics (log_every=1);
+- ``lossfree_nolog``: the same on a step that records no metrics;
+- ``upstream``: ``megatron.core.distributed.finalize_model_grads._update_router_expert_bias``
+  on ``TopKRouter(moe_router_enable_expert_bias=True)`` modules of the same shape;
+- ``overlapped``: a proposal (not in the package): the all-reduce is started
+  with ``async_op=True`` right after the last backward and waited for after
+  the optimizer step (simulated by ``--overlap-ms`` of busy work); the time on
+  the critical path is start + finish, the overlapped work excluded.
+
+Collectives per step are counted by wrapping ``torch.distributed.all_reduce``
+(and the other collectives) for one step of each variant. With ``--mixed``
+a few 64-expert routers join the 256-expert ones (models may mix expert
+counts); Megatron-Core's update stacks all counts into one tensor and cannot
+run on such a model, which the benchmark records instead of timing.
+
+    python benchmarks/balancer_cost.py --world-sizes 2 4
+    python benchmarks/balancer_cost.py --quick --json out.json     # CI smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import timing  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
+# DeepSeek-V3: 61 layers, first_k_dense_replace=3, 256 routed experts, top-8, 1 MTP module.
+DSV3 = dict(num_layers=61, dense_layers=3, experts=256, topk=8, mtp_layers=1)
+QUICK = dict(num_layers=4, dense_layers=1, experts=16, topk=2, mtp_layers=1)
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+               "reduce_scatter_tensor", "broadcast", "all_to_all", "all_to_all_single")
+# Step time assumed for the fraction column. DeepSeek-V3's report: 2.664M H800
+# GPU-hours of pre-training for 14.8T tokens on 2048 GPUs, i.e. ~3.16M tokens/s,
+# and a global batch of 15360 x 4096 tokens: ~20 s per step. 1 s is a small run.
+ASSUMED_STEP_S = (20.0, 1.0)
+
+
+class CollectiveCounter:
+    """Counts calls to torch.distributed collectives while active."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+        self._saved: dict[str, Any] = {}
+
+    def __enter__(self) -> "CollectiveCounter":
+        import torch.distributed as dist
+
+        for name in COLLECTIVES:
+            original = getattr(dist, name, None)
+            if original is None:
+                continue
+            self._saved[name] = original
+
+            def counted(*args, __name=name, __original=original, **kwargs):
+                self.calls[__name] = self.calls.get(__name, 0) + 1
+                return __original(*args, **kwargs)
+
+            setattr(dist, name, counted)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch.distributed as dist
+
+        for name, original in self._saved.items():
+            setattr(dist, name, original)
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+
+def build_router_stacks(shape: dict[str, int], mixed: bool):
+    """(ours, upstream) ModuleLists of routers with the same layer numbers and sizes."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from nemo_lossfree import LossFreeRouter
+    from nemo_lossfree.testing.models import moe_transformer_config
+
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    # The balancer never touches the gate weights: a small hidden size keeps memory low.
+    layout = [(layer, shape["experts"], False)
+              for layer in range(shape["dense_layers"] + 1, shape["num_layers"] + 1)]
+    layout += [(layer, shape["experts"], True) for layer in range(1, shape["mtp_layers"] + 1)]
+    if mixed:
+        # Every fourth MoE layer gets a quarter of the experts.
+        layout = [(layer, experts // 4 if i % 4 == 3 else experts, mtp)
+                  for i, (layer, experts, mtp) in enumerate(layout)]
+
+    def config(experts: int, **kwargs):
+        return moe_transformer_config(
+            num_layers=shape["num_layers"], hidden_size=16, num_attention_heads=1,
+            num_experts=experts, topk=min(shape["topk"], experts),
+            mtp_num_layers=shape["mtp_layers"] or None, **kwargs,
+        )
+
+    ours, upstream = torch.nn.ModuleList(), torch.nn.ModuleList()
+    configs = {}
+    for layer, experts, mtp in layout:
+        if experts not in configs:
+            configs[experts] = (config(experts), config(experts, expert_bias=True))
+        ours_cfg, up_cfg = configs[experts]
+        for stack, router in ((ours, LossFreeRouter(ours_cfg, pg_collection=pgs, is_mtp_layer=mtp)),
+                              (upstream, TopKRouter(up_cfg, pg_collection=pgs, is_mtp_layer=mtp))):
+            router.set_layer_number(layer)
+            stack.append(router)
+    return ours.train(), upstream.train(), next(iter(configs.values()))[1]
+
+
+class OverlappedLossFreeBalancer:
+    """Proposal: start the counts' all-reduce early, apply the update later.
+
+    ``start()`` right after the last micro-batch's backward (nothing else
+    reads the counts), ``finish()`` before the next forward (for example after
+    the optimizer step). Between the two, no router may count tokens.
+    The update itself is LossFreeBalancer.step() unchanged: ``reduce_counts``
+    returns the already reduced tensor.
+    """
+
+    def __init__(self, balancer) -> None:
+        self.balancer = balancer
+        self._pending = None
+        original = balancer.reduce_counts
+
+        def reduce_counts(routers):
+            if self._pending is None:
+                return original(routers)
+            flat, work = self._pending
+            self._pending = None
+            if work is not None:
+                work.wait()
+            return flat
+
+        balancer.reduce_counts = reduce_counts
+
+    def start(self) -> None:
+        import torch.distributed as dist
+
+        routers = self.balancer._active()
+        flat = torch.cat([r.local_tokens_per_expert.reshape(-1) for r in routers]).double()
+        work = None
+        group = self.balancer.process_group
+        if dist.is_initialized() and (group is None or dist.get_world_size(group) > 1):
+            work = dist.all_reduce(flat, group=group, async_op=True)
+        self._pending = (flat, work)
+
+    def finish(self) -> dict[str, float]:
+        return self.balancer.step()
+
+
+def busy_ms(milliseconds: float) -> None:
+    """Stand-in for the optimizer step: compute on this thread for about this long."""
+    deadline = time.perf_counter() + milliseconds / 1e3
+    a = torch.randn(64, 64)
+    while time.perf_counter() < deadline:
+        a = torch.tanh(a @ a)
+
+
+def worker(rank: int, world_size: int, init_method: str, options: dict[str, Any], out_path: str) -> None:
+    torch.set_num_threads(1)
+    from nemo_lossfree.testing import cpu
+
+    cpu.enable()
+    cpu.init_distributed(rank, world_size, init_method=init_method)
+    import torch.distributed as dist
+
+    results = [measure(rank, world_size, dict(options, mixed=mixed)) for mixed in options["mixed_list"]]
+    if rank == 0:
+        with open(out_path, "w") as handle:
+            json.dump(results, handle)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def measure(rank: int, world_size: int, options: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """One model layout (options["mixed"]): count collectives, time the variants."""
+    import torch.distributed as dist
+    from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
+
+    from nemo_lossfree import LossFreeBalancer, LossFreeConfig
+
+    shape = options["shape"]
+    ours, upstream, upstream_config = build_router_stacks(shape, options["mixed"])
+    group = ours[0].tp_dp_cp_group
+    logging_balancer = LossFreeBalancer(ours, LossFreeConfig(log_every=1))
+    # log_every so large that only its first step records metrics; that one is warm-up.
+    quiet_balancer = LossFreeBalancer(ours, LossFreeConfig(log_every=10**9))
+    overlapped = OverlappedLossFreeBalancer(LossFreeBalancer(ours, LossFreeConfig(log_every=10**9)))
+    generator = torch.Generator().manual_seed(1000 + rank)
+    tokens_per_layer = shape["tokens_per_rank"] * shape["topk"]
+
+    def fill_counts() -> None:
+        for a, b in zip(ours, upstream):
+            experts = a.local_tokens_per_expert.numel()
+            counts = torch.bincount(
+                torch.randint(0, experts, (tokens_per_layer,), generator=generator), minlength=experts
+            ).float()
+            a.local_tokens_per_expert.copy_(counts)
+            b.local_tokens_per_expert.copy_(counts)
+
+    mixed_sizes = len({r.local_tokens_per_expert.numel() for r in ours}) > 1
+    runs = {
+        "lossfree": logging_balancer.step,
+        "lossfree_nolog": quiet_balancer.step,
+    }
+    upstream_error = None
+    if mixed_sizes:
+        try:
+            fill_counts()
+            _update_router_expert_bias(list(upstream), upstream_config, tp_dp_cp_group=group)
+        except Exception as exc:  # noqa: BLE001 - recorded: upstream cannot mix expert counts
+            upstream_error = f"{type(exc).__name__}: {exc}"
+    if upstream_error is None:
+        runs["upstream"] = lambda: _update_router_expert_bias(
+            list(upstream), upstream_config, tp_dp_cp_group=group
+        )
+
+    # Collectives per step, counted on one step of each variant.
+    collectives = {}
+    for name, run in runs.items():
+        fill_counts()
+        with CollectiveCounter() as counter:
+            run()
+        collectives[name] = dict(counter.calls, total=counter.total)
+    fill_counts()
+    with CollectiveCounter() as counter:
+        overlapped.start()
+        overlapped.finish()
+    collectives["overlapped"] = dict(counter.calls, total=counter.total)
+
+    # Interleaved timing; every rank runs the same order, a barrier aligns the starts.
+    names = list(runs) + ["overlapped"]
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    overlap_ms = options["overlap_ms"]
+    for rep in range(options["warmup"] + options["repetitions"]):
+        order = names[rep % len(names):] + names[: rep % len(names)]
+        for name in order:
+            fill_counts()
+            dist.barrier()
+            if name == "overlapped":
+                begin = time.perf_counter()
+                overlapped.start()
+                critical = time.perf_counter() - begin
+                busy_ms(overlap_ms)  # the optimizer step the all-reduce hides behind
+                begin = time.perf_counter()
+                overlapped.finish()
+                elapsed = critical + time.perf_counter() - begin
+            else:
+                begin = time.perf_counter()
+                runs[name]()
+                elapsed = time.perf_counter() - begin
+            # A step is as slow as its slowest rank.
+            slowest = torch.tensor([elapsed], dtype=torch.float64)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            if rep >= options["warmup"]:
+                seconds[name].append(slowest.item())
+
+    # Same update on every rank (the reduction is global): check it.
+    bias = torch.cat([r.expert_bias for r in ours]).double()
+    gathered = [torch.zeros_like(bias) for _ in range(world_size)]
+    dist.all_gather(gathered, bias)
+    replicas_identical = all(torch.equal(gathered[0], g) for g in gathered[1:])
+    if rank != 0:
+        return None
+    result = {
+        "world_size": world_size,
+        "mixed": options["mixed"],
+        "routers": len(ours),
+        "expert_counts": sorted({r.local_tokens_per_expert.numel() for r in ours}),
+        "repetitions": options["repetitions"],
+        "overlap_ms": overlap_ms,
+        "median_ms": {n: 1e3 * timing.median(s) for n, s in seconds.items()},
+        "min_ms": {n: 1e3 * min(s) for n, s in seconds.items()},
+        "collectives_per_step": collectives,
+        "upstream_error": upstream_error,
+        "replicas_identical": replicas_identical,
+    }
+    if "upstream" in seconds:
+        result["ratio_lossfree_vs_upstream"] = timing.paired_ratio(seconds["lossfree"], seconds["upstream"])
+        result["ratio_lossfree_nolog_vs_upstream"] = timing.paired_ratio(
+            seconds["lossfree_nolog"], seconds["upstream"]
+        )
+    return result
+
+
+def run_world(world_size: int, options: dict[str, Any]) -> list[dict[str, Any]]:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path = os.path.join(tmp, "result.json")
+        init_method = f"tcp://127.0.0.1:{timing.free_tcp_port()}"
+        mp.spawn(worker, args=(world_size, init_method, options, out_path), nprocs=world_size, join=True)
+        with open(out_path) as handle:
+            return json.load(handle)
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    header = ["ranks", "routers (experts)", "variant", "ms / step", "collectives / step",
+              f"of a {ASSUMED_STEP_S[0]:.0f} s step", f"of a {ASSUMED_STEP_S[1]:.0f} s step",
+              "ratio vs upstream"]
+    body = []
+    for row in rows:
+        routers = f"{row['routers']} ({'/'.join(str(e) for e in row['expert_counts'])})"
+        for name, ms in row["median_ms"].items():
+            ratio = {"lossfree": row.get("ratio_lossfree_vs_upstream"),
+                     "lossfree_nolog": row.get("ratio_lossfree_nolog_vs_upstream")}.get(name)
+            label = name + (f" ({row['overlap_ms']:.0f} ms overlapped)" if name == "overlapped" else "")
+            body.append([row["world_size"], routers, label, ms,
+                         row["collectives_per_step"][name]["total"],
+                         f"{ms / 1e3 / ASSUMED_STEP_S[0]:.1e}", f"{ms / 1e3 / ASSUMED_STEP_S[1]:.1e}",
+                         "-" if ratio is None else f"{ratio:.2f}"])
+        if row["upstream_error"]:
+            body.append([row["world_size"], routers, "upstream", "fails", "-", "-", "-",
+                         row["upstream_error"][:60]])
+    return timing.markdown_table(header, body)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--repetitions", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--tokens-per-rank", type=int, default=16384,
+                        help="tokens each rank routes per step (sets the count values only)")
+    parser.add_argument("--overlap-ms", type=float, default=20.0,
+                        help="work the overlapped variant hides its all-reduce behind")
+    parser.add_argument("--mixed", action="store_true",
+                        help="also run a model that mixes 256- and 64-expert routers")
+    parser.add_argument("--quick", action="store_true", help="5 tiny routers, 3 repetitions (CI)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    for name in ("repetitions", "tokens_per_rank"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if any(w < 1 for w in args.world_sizes):
+        parser.error(f"--world-sizes: every size must be >= 1, got {args.world_sizes}")
+
+    shape = dict(QUICK if args.quick else DSV3, tokens_per_rank=64 if args.quick else args.tokens_per_rank)
+    options = dict(shape=shape, repetitions=3 if args.quick else args.repetitions,
+                   warmup=1 if args.quick else args.warmup,
+                   overlap_ms=1.0 if args.quick else args.overlap_ms,
+                   mixed_list=[False, True] if args.mixed or args.quick else [False])
+    started = time.time()
+    rows = []
+    for world_size in args.world_sizes:
+        for row in run_world(world_size, options):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    result = {
+        "benchmark": "balancer_cost",
+        "command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
+        "shape": shape,
+        "assumed_step_s": ASSUMED_STEP_S,
+        "machine": timing.machine_info(torch.device("cpu")),
+        "wall_s": time.time() - started,
+        "rows": rows,
+    }
+    print()
+    print(markdown(rows))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
