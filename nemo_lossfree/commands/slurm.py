@@ -1,0 +1,149 @@
+"""``nemo-lossfree slurm``: render an sbatch job from a run config, submit it, wait.
+
+    nemo-lossfree slurm --config configs/tiny-cpu.yaml --gpus-per-node 0 --ntasks-per-node 2 --wait
+    nemo-lossfree slurm --config configs/<big>.yaml --nodes 128 --gpus-per-node 8 \\
+        --account ACCT --partition batch --time 04:00:00 \\
+        --container-image nvcr.io/nvidia/nemo:<tag> --container-mounts /lustre:/lustre --dry-run
+
+Nodes, GPUs per node and tasks per node come from the config's ``cluster:``
+section unless given here. The job directory (``--output-dir``) receives the
+script, ``logs/<job>-<id>.out``, and for CPU jobs ``results/`` (the worker's
+JSON) and ``checkpoints/`` (unless the config's ``checkpoint.save`` names one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from nemo_lossfree.launch.job import LAUNCHERS, SlurmJob
+
+
+def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(name, help=help_text, description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--config", required=True, help="run config (YAML), e.g. configs/tiny-cpu.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, e.g. train.train_iters=20 lossfree.update_rate=1e-3")
+    g = p.add_argument_group("layout (default: the config's cluster: section)")
+    g.add_argument("--nodes", type=int, default=None)
+    g.add_argument("--gpus-per-node", type=int, default=None, help="0: run on CPUs with gloo")
+    g.add_argument("--ntasks-per-node", type=int, default=None,
+                   help="CPUs: ranks per node; GPUs: 1 (torchrun) or --gpus-per-node (one task per GPU)")
+    g.add_argument("--launcher", choices=LAUNCHERS, default=None,
+                   help="torchrun (one per node) or srun (one task per rank); default: torchrun on GPUs, srun on CPUs")
+    g = p.add_argument_group("SLURM")
+    g.add_argument("--job-name", default="nemo-lossfree")
+    g.add_argument("--account", default=None)
+    g.add_argument("--partition", default=None)
+    g.add_argument("--time", default=None, help="time limit, e.g. 04:00:00")
+    g.add_argument("--container-image", default=None, help="pyxis/enroot image for the ranks")
+    g.add_argument("--container-mounts", default=None, help="pyxis mounts, e.g. /lustre:/lustre")
+    g.add_argument("--signal-seconds", type=int, default=300,
+                   help="USR1 this many seconds before the time limit: checkpoint and requeue (default %(default)s)")
+    g.add_argument("--no-requeue", dest="requeue", action="store_false",
+                   help="stop with a checkpoint on USR1 but do not requeue")
+    g.add_argument("--max-requeues", type=int, default=20, help="(default %(default)s)")
+    g.add_argument("--master-port", type=int, default=29500, help="rendezvous port (default %(default)s)")
+    g.add_argument("--python", default=None,
+                   help="interpreter on the nodes (default: this one for CPU jobs, `python` for GPU jobs)")
+    p.add_argument("--output-dir", default=None,
+                   help="job directory: script, logs, results, checkpoints (default: runs/slurm/<job-name>)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
+    mode.add_argument("--wait", action="store_true",
+                      help="wait until the job ends (through requeues); exit with its exit code")
+    p.add_argument("--wait-timeout", type=float, default=None, help="give up waiting after this many seconds")
+    return p
+
+
+def _layout_value(cli_value, cluster: dict, key: str, default):
+    if cli_value is not None:
+        return cli_value
+    value = cluster.get(key)
+    return default if value is None else value
+
+
+def build_job(args: argparse.Namespace) -> tuple[SlurmJob, Path]:
+    """The job and its directory, from the flags and the config."""
+    from nemo_lossfree.launch import payload
+
+    config = payload.load_config(args.config, args.overrides)
+    cluster = config.get("cluster") or {}
+    nodes = _layout_value(args.nodes, cluster, "nodes", 1)
+    gpus = _layout_value(args.gpus_per_node, cluster, "gpus_per_node", 0)
+    # The config's tasks per node belong to its own GPU count: a GPU count
+    # given here starts from that count's default layout instead.
+    ntasks = args.ntasks_per_node
+    if ntasks is None and args.gpus_per_node is None:
+        ntasks = cluster.get("tasks_per_node")
+    out_dir = Path(args.output_dir or Path("runs") / "slurm" / args.job_name).resolve()
+    common = dict(
+        nodes=nodes, gpus_per_node=gpus, ntasks_per_node=ntasks, launcher=args.launcher,
+        job_name=args.job_name, account=args.account, partition=args.partition, time=args.time,
+        container_image=args.container_image, container_mounts=args.container_mounts,
+        log_dir=str(out_dir / "logs"), workdir=os.getcwd(), signal_seconds=args.signal_seconds,
+        requeue=args.requeue, max_requeues=args.max_requeues, master_port=args.master_port,
+    )
+    # Validate the layout before building the command (it needs the world size).
+    layout = SlurmJob(command=["-c", "pass"], **common)
+    if layout.gpus_per_node:
+        command = payload.gpu_pretrain_command(args.config, args.overrides, config)
+        python = args.python or "python"
+    else:
+        checkpoint_dir = (config.get("checkpoint") or {}).get("save") or str(out_dir / "checkpoints")
+        ep = (config.get("model") or {}).get("expert_model_parallel_size") or 2
+        if layout.world_size % ep:
+            raise ValueError(
+                f"--nodes x --ntasks-per-node: the world size ({layout.world_size}) must be a multiple of "
+                f"model.expert_model_parallel_size ({ep})"
+            )
+        command = payload.cpu_worker_command(
+            config, world_size=layout.world_size, results_dir=str(out_dir / "results"),
+            checkpoint_dir=str(Path(checkpoint_dir).resolve()),
+        )
+        python = args.python or payload.default_python()
+    return SlurmJob(command=command, python=python, **common), out_dir
+
+
+def run(args: argparse.Namespace) -> int:
+    from nemo_lossfree.launch import submit as slurm
+    from nemo_lossfree.launch.render import render_sbatch
+
+    try:
+        job, out_dir = build_job(args)
+        script_path = out_dir / f"{job.job_name}.sbatch"
+        text = render_sbatch(job, title=f"nemo-lossfree: {args.config}", script_hint=str(script_path))
+    except ValueError as exc:
+        print(f"nemo-lossfree slurm: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(text, end="")
+        return 0
+    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    script_path.write_text(text)
+    script_path.chmod(0o755)
+    try:
+        job_id = slurm.submit(str(script_path))
+    except slurm.SlurmError as exc:
+        print(f"nemo-lossfree slurm: {exc}", file=sys.stderr)
+        return 1
+    log = out_dir / "logs" / f"{job.job_name}-{job_id}.out"
+    print(f"submitted job {job_id}: script {script_path}, log {log}", flush=True)
+    if not args.wait:
+        return 0
+
+    def report(info: slurm.JobInfo) -> None:
+        print(f"job {job_id}: {info.state} (restarts {info.restarts})", flush=True)
+
+    try:
+        info = slurm.wait(job_id, timeout_s=args.wait_timeout, on_change=report)
+    except slurm.SlurmError as exc:
+        print(f"nemo-lossfree slurm: {exc}", file=sys.stderr)
+        return 1
+    print(f"job {job_id}: {info.state}, exit code {info.exit_code}, restarts {info.restarts}; log {log}")
+    if info.state != "COMPLETED":
+        return info.exit_code or 1
+    return info.exit_code

@@ -1,0 +1,325 @@
+"""The rendered sbatch scripts: layout, environment, pyxis, preemption, syntax.
+
+Fast (no SLURM needed): the scripts are checked as text, by `bash -n`, and run
+by bash against stand-in `srun`/`scontrol`/`scancel` programs that record what
+they were asked to do. The real-SLURM test is tests/test_slurm_cluster.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from nemo_lossfree.launch.job import STOPPED_EXIT_CODE, SlurmJob
+from nemo_lossfree.launch.render import render_sbatch
+
+PRETRAIN = ["-m", "nemo_lossfree.bridge.pretrain", "--config-file", "configs/big.yaml"]
+
+
+def gpu_job(**overrides) -> SlurmJob:
+    fields = dict(command=list(PRETRAIN), nodes=128, gpus_per_node=8, job_name="moe-128n",
+                  account="acct", partition="batch", time="04:00:00",
+                  container_image="nvcr.io/nvidia/nemo:25.11", container_mounts="/lustre:/lustre",
+                  signal_seconds=240)
+    fields.update(overrides)
+    return SlurmJob(**fields)
+
+
+def sbatch_options(script: str) -> list[str]:
+    return [line.split(None, 1)[1] for line in script.splitlines() if line.startswith("#SBATCH ")]
+
+
+def bash_array(script: str, name: str) -> list[str]:
+    match = re.search(rf"^{name}=\(\n(.*?)\n\)$", script, re.S | re.M)
+    assert match, f"no {name}=( ... ) array in the script"
+    return [line.strip() for line in match.group(1).splitlines()]
+
+
+def test_multi_node_gpu_layout_header():
+    script = render_sbatch(gpu_job())
+    assert script.startswith("#!/bin/bash\n")
+    assert sbatch_options(script) == [
+        "--job-name=moe-128n",
+        "--nodes=128",
+        "--ntasks-per-node=1",  # one torchrun per node
+        "--gpus-per-node=8",
+        "--exclusive",
+        "--account=acct",
+        "--partition=batch",
+        "--time=04:00:00",
+        "--output=logs/%x-%j.out",  # one log per job
+        "--open-mode=append",  # a requeued job continues its log
+        "--signal=B:USR1@240",  # to the batch shell, whose trap forwards it
+        "--requeue",
+    ]
+
+
+def test_multi_node_gpu_environment_and_torchrun_rendezvous():
+    script = render_sbatch(gpu_job())
+    assert re.search(r"^export CUDA_DEVICE_MAX_CONNECTIONS=1$", script, re.M)
+    for name in ("NCCL_DEBUG", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_IB_TIMEOUT"):
+        assert re.search(rf"^export {name}=", script, re.M), name
+    assert 'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
+    assert bash_array(script, "srun_args") == [
+        "--ntasks-per-node=1",
+        "--kill-on-bad-exit=1",
+        "--label",
+        "--container-image=nvcr.io/nvidia/nemo:25.11",
+        "--container-mounts=/lustre:/lustre",
+        '--container-workdir="$PWD"',
+    ]
+    assert bash_array(script, "launch") == [
+        "python",
+        "-m torch.distributed.run",
+        '--nnodes="$SLURM_NNODES"',
+        "--nproc-per-node=8",
+        "--rdzv-backend=c10d",
+        '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"',
+        '--rdzv-id="$SLURM_JOB_ID"',
+        "--max-restarts=0",
+        "-m nemo_lossfree.bridge.pretrain",
+        "--config-file configs/big.yaml",
+    ]
+    # torchrun must pass USR1 on to its ranks, and give them time to save.
+    assert "export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in script
+    assert "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=210" in script
+    assert "trap forward_stop_signal USR1" in script
+    assert 'scancel --signal=USR1 "$SLURM_JOB_ID"' in script
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in script
+
+
+def test_scripts_pass_bash_syntax_check(tmp_path):
+    jobs = {
+        "gpu": gpu_job(),
+        "gpu-no-image": gpu_job(container_image=None, container_mounts=None, account=None,
+                                partition=None, time=None),
+        "gpu-srun": gpu_job(ntasks_per_node=8),
+        "cpu": SlurmJob(command=["-m", "nemo_lossfree.demo.worker", "--arm", "loss_free", "--out", "a b"],
+                        nodes=2, gpus_per_node=0, ntasks_per_node=2, requeue=False),
+    }
+    for name, job in jobs.items():
+        path = tmp_path / f"{name}.sbatch"
+        path.write_text(render_sbatch(job))
+        proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert proc.returncode == 0, (name, proc.stderr)
+        assert "{{" not in path.read_text(), name
+
+
+def test_one_task_per_gpu_uses_srun_and_slurm_ranks():
+    script = render_sbatch(gpu_job(ntasks_per_node=8, container_image=None, container_mounts=None))
+    assert "--ntasks-per-node=8" in sbatch_options(script)
+    assert "torch.distributed.run" not in script
+    assert bash_array(script, "launch") == ["python", "-m nemo_lossfree.bridge.pretrain",
+                                            "--config-file configs/big.yaml"]
+    assert not any("container" in a for a in bash_array(script, "srun_args"))
+
+
+def test_cpu_layout_has_no_gpu_settings():
+    job = SlurmJob(command=["-m", "nemo_lossfree.demo.worker"], nodes=2, gpus_per_node=0,
+                   ntasks_per_node=2, log_dir="/tmp/x/logs", workdir="/tmp/x")
+    script = render_sbatch(job)
+    options = sbatch_options(script)
+    assert "--ntasks-per-node=2" in options and "--nodes=2" in options
+    assert not any(o.startswith("--gpus") for o in options)
+    assert "--output=/tmp/x/logs/%x-%j.out" in options and "--chdir=/tmp/x" in options
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in script and "NCCL" not in script
+    assert "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}" in script
+    assert job.world_size == 4 and job.launcher == "srun"
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(launcher="mpirun"), "--launcher: must be one of torchrun, srun"),
+    (dict(ntasks_per_node=4), "--ntasks-per-node: with GPUs it must be 1"),
+    (dict(nodes=0), "--nodes: must be an integer >= 1"),
+    (dict(time="4 hours"), "--time: must be a SLURM time"),
+    (dict(container_image=None), "--container-mounts: needs --container-image"),
+    (dict(job_name="my job"), "--job-name: must be letters"),
+    (dict(partition=""), "--partition: must be a non-empty word"),
+    (dict(master_port=80), "--master-port: must be an integer >= 1024"),
+])
+def test_bad_layouts_name_the_flag(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        gpu_job(**fields)
+
+
+# ---- the script's logic, run by bash against stand-in SLURM commands ----------
+
+FAKE_SCONTROL = """\
+#!/bin/bash
+# show hostnames <list>: expand the test's node list; requeue <id>: record it.
+case "$1 $2" in
+  "show hostnames") printf '%s\\n' gpu-a17 gpu-b03 gpu-c11 ;;
+  "requeue "*) echo "requeue $2" >> "$FAKE_DIR/calls" ;;
+  *) echo "unexpected scontrol $*" >&2; exit 1 ;;
+esac
+"""
+# srun: record argv and the rendezvous env, then behave as FAKE_MODE says.
+FAKE_SRUN = """\
+#!/bin/bash
+printf '%s\\n' "$@" > "$FAKE_DIR/srun_argv"
+env | grep -E '^(MASTER_ADDR|MASTER_PORT|CUDA_DEVICE_MAX_CONNECTIONS|PET_SIGNALS_TO_HANDLE)=' | sort > "$FAKE_DIR/srun_env"
+if [ "$FAKE_MODE" = preempt ]; then
+  # The training: on USR1 save and exit with the "stopped, resume me" code.
+  trap 'echo saved >> "$FAKE_DIR/calls"; exit STOPPED' USR1
+  echo $$ > "$FAKE_DIR/srun_pid"
+  for _ in $(seq 1 300); do sleep 0.1; done
+  exit 1
+fi
+exit "${FAKE_EXIT:-0}"
+""".replace("STOPPED", str(STOPPED_EXIT_CODE))
+# scancel --signal=USR1 <id>: deliver it to the (fake) training tasks.
+FAKE_SCANCEL = """\
+#!/bin/bash
+echo "scancel $*" >> "$FAKE_DIR/calls"
+kill -USR1 "$(cat "$FAKE_DIR/srun_pid")"
+"""
+
+
+def _fake_slurm(tmp_path: Path) -> dict:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN), ("scancel", FAKE_SCANCEL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_DIR=str(tmp_path),
+               SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu-a17,gpu-b03,gpu-c11", SLURM_NNODES="3")
+    (tmp_path / "calls").write_text("")
+    return env
+
+
+def _script(tmp_path: Path, job: SlurmJob) -> Path:
+    path = tmp_path / "job.sbatch"
+    path.write_text(render_sbatch(job))
+    return path
+
+
+def test_script_rendezvous_on_first_node_and_exit_code(tmp_path):
+    env = _fake_slurm(tmp_path)
+    job = gpu_job(nodes=3, master_port=29611)
+    proc = subprocess.run(["bash", str(_script(tmp_path, job))], env=dict(env, FAKE_EXIT="3"),
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 3, proc.stdout + proc.stderr  # the training's failure is the job's
+    assert (tmp_path / "srun_env").read_text().splitlines() == [
+        "CUDA_DEVICE_MAX_CONNECTIONS=1",
+        "MASTER_ADDR=gpu-a17",
+        "MASTER_PORT=29611",
+        "PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+    ]
+    argv = (tmp_path / "srun_argv").read_text().splitlines()
+    assert argv[:3] == ["--ntasks-per-node=1", "--kill-on-bad-exit=1", "--label"]
+    assert f"--container-workdir={tmp_path}" not in argv  # $PWD of the script, not ours
+    assert "--rdzv-endpoint=gpu-a17:29611" in argv and "--nnodes=3" in argv
+    assert "--rdzv-id=4242" in argv
+    assert argv[-4:] == PRETRAIN
+    assert "requeue" not in (tmp_path / "calls").read_text()
+
+
+def _run_preempted(tmp_path: Path, job: SlurmJob, env: dict) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen(["bash", str(_script(tmp_path, job))], env=dict(env, FAKE_MODE="preempt"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "srun_pid").exists():
+        assert time.monotonic() < deadline, "the training step never started"
+        time.sleep(0.05)
+    # What SLURM does at --signal=B:USR1@N (and scancel --batch --signal=USR1).
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=30)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+
+
+def test_usr1_is_forwarded_then_the_job_requeues_itself(tmp_path):
+    env = _fake_slurm(tmp_path)
+    result = _run_preempted(tmp_path, gpu_job(), env)
+    assert result.returncode == 0, result.stdout
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        "scancel --signal=USR1 4242",
+        "saved",
+        "requeue 4242",
+    ]
+    assert f"training step exited with {STOPPED_EXIT_CODE}" in result.stdout
+
+
+def test_no_requeue_after_max_requeues_or_when_disabled(tmp_path):
+    env = _fake_slurm(tmp_path)
+    result = _run_preempted(tmp_path, gpu_job(max_requeues=3), dict(env, SLURM_RESTART_COUNT="3"))
+    assert result.returncode == STOPPED_EXIT_CODE, result.stdout
+    assert "requeue" not in (tmp_path / "calls").read_text()
+
+    (tmp_path / "srun_pid").unlink()
+    (tmp_path / "calls").write_text("")
+    result = _run_preempted(tmp_path, gpu_job(requeue=False), env)
+    assert "#SBATCH --no-requeue" in (tmp_path / "job.sbatch").read_text()
+    assert result.returncode == STOPPED_EXIT_CODE, result.stdout
+    assert (tmp_path / "calls").read_text().splitlines() == ["scancel --signal=USR1 4242", "saved"]
+
+
+# ---- the command line ---------------------------------------------------------
+
+TINY = textwrap.dedent("""\
+    cluster: {nodes: 1, gpus_per_node: 0, tasks_per_node: 2}
+    model: {num_layers: 2, hidden_size: 32, num_attention_heads: 4, num_moe_experts: 8,
+            moe_router_topk: 2, seq_length: 32, expert_model_parallel_size: 2,
+            tensor_model_parallel_size: 1}
+    train: {train_iters: 30, global_batch_size: 16, micro_batch_size: 2}
+    optimizer: {lr: 0.003}
+    checkpoint: {save: null, save_interval: 10}
+    lossfree: {enabled: true, update_rate: 0.01, center: true}
+""")
+
+
+def _cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nemo_lossfree.cli", "slurm", *argv],
+                          cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_cli_cpu_job_translates_the_config(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    proc = _cli("--config", "tiny.yaml", "--dry-run", "--output-dir", "job",
+                "train.train_iters=12", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    script = proc.stdout
+    assert "--ntasks-per-node=2" in sbatch_options(script)  # from cluster.tasks_per_node
+    launch = bash_array(script, "launch")
+    assert launch[0] == sys.executable and launch[1] == "-m nemo_lossfree.demo.worker"
+    job = tmp_path / "job"
+    for expected in ("--arm loss_free", f"--out {job}/results", f"--save {job}/checkpoints",
+                     f"--load {job}/checkpoints", "--save-interval 10", "--steps 12", "--experts 8",
+                     "--layers 2", "--lr 0.003",
+                     # 16 sequences / (2 per micro-batch x 2 ranks) = 4 micro-batches per rank
+                     "--num-micro-batches 4", "--lossfree update_rate=0.01", "--lossfree center=true"):
+        assert expected in launch, expected
+    assert not (tmp_path / "job").exists()  # --dry-run writes nothing
+
+
+def test_cli_gpu_job_runs_the_bridge_entry_point(tmp_path):
+    (tmp_path / "big.yaml").write_text(TINY.replace("save: null", "save: /lustre/ckpt"))
+    proc = _cli("--config", "big.yaml", "--nodes", "128", "--gpus-per-node", "8", "--dry-run",
+                "--container-image", "nvcr.io/nvidia/nemo:25.11", "lossfree.update_rate=0.001",
+                cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    launch = bash_array(proc.stdout, "launch")
+    assert launch[-4:] == ["-m nemo_lossfree.bridge.pretrain", "--config-file big.yaml",
+                           "lossfree.update_rate=0.001", "checkpoint.load=/lustre/ckpt"]
+    assert "--nproc-per-node=8" in launch
+    assert "--nodes=128" in sbatch_options(proc.stdout)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["model.tensor_model_parallel_size=2"], "model.tensor_model_parallel_size: the CPU demo worker"),
+    (["--ntasks-per-node", "3"], "must be a multiple of model.expert_model_parallel_size (2)"),
+    (["train.global_batch_size=6"], "train.global_batch_size: must be a multiple of"),
+    (["--gpus-per-node", "8", "--ntasks-per-node", "3"], "--ntasks-per-node: with GPUs it must be 1"),
+])
+def test_cli_rejects_bad_input_with_the_key(tmp_path, argv, message):
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    proc = _cli("--config", "tiny.yaml", "--dry-run", *argv, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
