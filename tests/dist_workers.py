@@ -1,0 +1,132 @@
+"""Functions run on every rank by the multi-process tests (spawned: importable)."""
+
+from __future__ import annotations
+
+from nemo_lossfree.testing import cpu
+
+cpu.enable()  # before anything imports Megatron-Core's router (spawned ranks import this first)
+
+import torch
+import torch.distributed as dist
+
+from nemo_lossfree import LossFreeBalancer, LossFreeConfig
+from nemo_lossfree.testing.models import gpt_moe_model, moe_transformer_config
+from nemo_lossfree.update import compute_bias_update, scheduled_rate
+
+SEQ, BATCH, VOCAB = 32, 4, 128
+
+
+class CollectiveCounter:
+    """Counts torch.distributed collectives issued while active."""
+
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast")
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self._saved: dict = {}
+
+    def __enter__(self):
+        for name in self.NAMES:
+            original = getattr(dist, name)
+            self._saved[name] = original
+
+            def wrapped(*args, _name=name, _original=original, **kwargs):
+                self.calls.append(_name)
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(dist, name, original)
+
+
+def gathered_counts(routers, group) -> torch.Tensor:
+    """Reference: every rank's local counts gathered and summed, [layers, E] float64."""
+    local = torch.stack([r.local_tokens_per_expert for r in routers]).double()
+    parts = [torch.zeros_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local, group=group)
+    return torch.stack(parts).sum(dim=0)
+
+
+def train_and_check(rank: int, parallel: dict, lf: dict, steps: int, mtp: bool) -> dict:
+    """Train a GPT-MoE with the balancer; check each update against the gathered reference."""
+    from megatron.core import parallel_state
+
+    config = moe_transformer_config(
+        num_layers=2,
+        num_experts=8,
+        topk=2,
+        mtp_num_layers=1 if mtp else None,
+        **parallel,
+    )
+    model_kwargs = {}
+    if mtp:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+        from nemo_lossfree.testing.models import gpt_moe_layer_spec
+
+        model_kwargs["mtp_block_spec"] = get_gpt_mtp_block_spec(
+            config, gpt_moe_layer_spec(8), use_transformer_engine=False
+        )
+    model = gpt_moe_model(config, vocab_size=VOCAB, max_sequence_length=SEQ, **model_kwargs)
+    lf_config = LossFreeConfig(**lf)
+    balancer = LossFreeBalancer(model, lf_config)
+    group = balancer.process_group
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    # Different data on every data-parallel rank (TP ranks of a group share it).
+    dp_rank = parallel_state.get_data_parallel_rank()
+    gen = torch.Generator().manual_seed(100 + dp_rank)
+    collectives = []
+    for step in range(steps):
+        ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+        pos = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
+        for _ in range(2):  # two micro-batches per global batch
+            loss = model(ids, pos, None, labels=ids).float().mean()
+            loss.backward()
+        routers = balancer.routers
+        reference_counts = gathered_counts(routers, group)
+        bias_before = torch.stack([r.expert_bias.clone() for r in routers])
+        with CollectiveCounter() as counter:
+            metrics = balancer.step()
+        collectives.append(counter.calls)
+        expected = compute_bias_update(
+            reference_counts, bias_before, rate=scheduled_rate(lf_config, step),
+            rule=lf_config.update_rule, center=lf_config.center,
+        )
+        got = torch.stack([r.expert_bias for r in routers])
+        assert torch.equal(got, expected), f"step {step}: bias differs from the gathered reference"
+        assert all(r.local_tokens_per_expert.sum() == 0 for r in routers)
+        opt.step()
+        opt.zero_grad()
+    biases = torch.stack([r.expert_bias for r in balancer.routers])
+    return {
+        "biases": biases,
+        "collectives": collectives,
+        "group_ranks": dist.get_process_group_ranks(group),
+        "num_routers": len(balancer.routers),
+        "metrics": metrics,
+        "steps_done": balancer.steps_done,
+    }
+
+
+def pipeline_groups(rank: int) -> dict:
+    """With PP=2 every stage owns its layers: the replica group excludes the other stage."""
+    config = moe_transformer_config(
+        num_layers=2, num_experts=8, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32
+    )
+    from megatron.core import parallel_state
+
+    model = gpt_moe_model(
+        config,
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    balancer = LossFreeBalancer(model)
+    return {
+        "group_ranks": dist.get_process_group_ranks(balancer.process_group),
+        "layers": [r.layer_number for r in balancer.routers],
+    }

@@ -1,0 +1,55 @@
+"""The balancer across real gloo ranks: one all-reduce, identical biases everywhere."""
+
+import torch
+
+import dist_workers
+from nemo_lossfree.testing.distributed import run_on_ranks
+
+STEPS = 4
+
+
+def check_replicas_agree(results, num_routers):
+    first = results[0]["biases"]
+    assert first.shape[0] == num_routers
+    assert first.abs().sum() > 0  # the bias did move
+    for result in results[1:]:
+        assert torch.equal(result["biases"], first)
+    for result in results:
+        assert result["steps_done"] == STEPS
+        # Exactly one collective per step, an all-reduce, for all layers together.
+        assert result["collectives"] == [["all_reduce"]] * STEPS
+
+
+def test_expert_parallel_2_with_mtp():
+    lf = dict(update_rate=1e-2, update_rule="sign", center=True)
+    parallel = dict(expert_model_parallel_size=2)
+    results = run_on_ranks(
+        dist_workers.train_and_check, 2, parallel, lf, STEPS, True, expert_model_parallel_size=2
+    )
+    check_replicas_agree(results, num_routers=3)  # 2 decoder layers + 1 MTP layer
+    assert results[0]["group_ranks"] == [0, 1]
+    assert set(results[0]["metrics"]) >= {
+        "lossfree/maxvio_batch", "lossfree/maxvio_batch_layer_1", "lossfree/maxvio_batch_layer_3",
+        "lossfree/bias_std", "lossfree/update_rate",
+    }
+
+
+def test_expert_parallel_2_inside_data_parallel_4():
+    # 4 ranks, EP=2: expert groups {0,1} and {2,3}. Every rank holds a replica
+    # of each router, so the reduction must span all four, not the EP group.
+    # (Tensor and context parallelism need Transformer Engine's layers for MoE
+    # on the CPU: torch LayerNorm refuses sequence parallelism, which
+    # Megatron-Core requires for MoE with TP, and local attention refuses CP.)
+    lf = dict(update_rate=1e-2, update_rule="proportional", center=False, schedule="inverse_time", decay_steps=2)
+    parallel = dict(expert_model_parallel_size=2)
+    results = run_on_ranks(
+        dist_workers.train_and_check, 4, parallel, lf, STEPS, False, expert_model_parallel_size=2
+    )
+    check_replicas_agree(results, num_routers=2)
+    assert results[0]["group_ranks"] == [0, 1, 2, 3]
+
+
+def test_no_reduction_across_pipeline_stages():
+    results = run_on_ranks(dist_workers.pipeline_groups, 2, pipeline_model_parallel_size=2)
+    assert [r["group_ranks"] for r in results] == [[0], [1]]
+    assert [r["layers"] for r in results] == [[1], [2]]

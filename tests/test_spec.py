@@ -1,0 +1,96 @@
+import functools
+
+import pytest
+
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
+    get_gpt_layer_local_spec,
+    get_gpt_mtp_block_spec,
+)
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.router import InferenceTopKRouter, TopKRouter
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from nemo_lossfree.router import LossFreeRouter
+from nemo_lossfree.spec import use_loss_free_router
+from nemo_lossfree.testing.models import moe_transformer_config
+
+
+def routers_in(spec):
+    found = []
+
+    def walk(node):
+        if isinstance(node, MoESubmodules):
+            found.append(node.router)
+        elif isinstance(node, functools.partial):
+            list(map(walk, node.args))
+            list(map(walk, node.keywords.values()))
+        elif isinstance(node, ModuleSpec):
+            walk(node.submodules)
+        elif isinstance(node, (list, tuple)):
+            list(map(walk, node))
+        elif hasattr(node, "__dataclass_fields__") and not isinstance(node, type):
+            for name in node.__dataclass_fields__:
+                walk(getattr(node, name))
+
+    walk(spec)
+    return found
+
+
+def test_layer_spec_with_partial_mlp():
+    spec = get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False)
+    assert isinstance(spec.submodules.mlp, functools.partial)  # megatron-core 0.19 shape
+    new = use_loss_free_router(spec)
+    assert routers_in(new) == [LossFreeRouter]
+    assert routers_in(spec) == [TopKRouter]  # the input is not modified
+
+
+def test_layer_spec_with_module_spec_mlp():
+    spec = get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False)
+    partial_mlp = spec.submodules.mlp
+    spec.submodules.mlp = ModuleSpec(module=MoELayer, submodules=partial_mlp.keywords["submodules"])
+    new = use_loss_free_router(spec)
+    assert isinstance(new.submodules.mlp, ModuleSpec)
+    assert new.submodules.mlp.submodules.router is LossFreeRouter
+
+
+def test_decoder_block_spec_with_dense_and_moe_layers(single_rank):
+    config = moe_transformer_config(num_layers=4, num_experts=8, moe_layer_freq=[0, 1, 1, 0])
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
+    new = use_loss_free_router(block)
+    assert routers_in(new) == [LossFreeRouter, LossFreeRouter]
+
+
+def test_mtp_block_spec(single_rank):
+    config = moe_transformer_config(num_layers=2, num_experts=8, mtp_num_layers=1)
+    layer = get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False)
+    mtp = get_gpt_mtp_block_spec(config, layer, use_transformer_engine=False)
+    new = use_loss_free_router(mtp)
+    assert routers_in(new) == [LossFreeRouter]
+
+
+def test_dense_spec_is_refused():
+    with pytest.raises(ValueError, match="no MoE layer"):
+        use_loss_free_router(get_gpt_layer_local_spec())
+
+
+def test_inference_router_is_not_replaced():
+    spec = get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False)
+    subs = spec.submodules.mlp.keywords["submodules"]
+    spec.submodules.mlp = functools.partial(
+        MoELayer, submodules=MoESubmodules(experts=subs.experts, router=InferenceTopKRouter)
+    )
+    with pytest.raises(ValueError, match="InferenceTopKRouter cannot be replaced"):
+        use_loss_free_router(spec)
+
+
+def test_built_model_uses_the_router(single_rank):
+    from nemo_lossfree.testing.models import gpt_moe_model
+
+    config = moe_transformer_config(num_layers=2, num_experts=8)
+    model = gpt_moe_model(config)
+    routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
+    assert len(routers) == 2 and all(isinstance(r, LossFreeRouter) for r in routers)
+    assert [r.layer_number for r in routers] == [1, 2]
+    keys = [k for k in model.state_dict() if k.endswith("router.expert_bias")]
+    assert keys == ["decoder.layers.0.mlp.router.expert_bias", "decoder.layers.1.mlp.router.expert_bias"]
