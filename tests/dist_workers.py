@@ -6,6 +6,8 @@ from nemo_lossfree.testing import cpu
 
 cpu.enable()  # before anything imports Megatron-Core's router (spawned ranks import this first)
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -129,4 +131,61 @@ def pipeline_groups(rank: int) -> dict:
     return {
         "group_ranks": dist.get_process_group_ranks(balancer.process_group),
         "layers": [r.layer_number for r in balancer.routers],
+    }
+
+
+def save_then_load(rank: int, ckpt_dir: str, upstream_first: bool) -> dict:
+    """Train, save with dist_checkpointing, load into a fresh model and balancer.
+
+    With ``upstream_first`` the saved model uses Megatron-Core's own
+    expert-bias router; it must load into ours under the same key.
+    """
+    from megatron.core import dist_checkpointing
+
+    config = moe_transformer_config(num_layers=2, num_experts=8, expert_model_parallel_size=2)
+    if upstream_first:
+        saved_config = moe_transformer_config(
+            num_layers=2, num_experts=8, expert_model_parallel_size=2, expert_bias=True
+        )
+        source = gpt_moe_model(saved_config, vocab_size=VOCAB, max_sequence_length=SEQ, loss_free=False)
+    else:
+        source = gpt_moe_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)
+    balancer = None if upstream_first else LossFreeBalancer(source, LossFreeConfig(update_rate=1e-2))
+    gen = torch.Generator().manual_seed(rank)
+    for _ in range(3):
+        ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+        pos = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
+        source(ids, pos, None, labels=ids).float().mean().backward()
+        if balancer is not None:
+            balancer.step()
+        else:  # Megatron-Core's own update path
+            from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
+
+            _update_router_expert_bias([source], saved_config)
+    saved_biases = {
+        k: v.clone() for k, v in source.state_dict().items() if k.endswith("router.expert_bias")
+    }
+    state = {"model": source.sharded_state_dict()}
+    if balancer is not None:
+        state["lossfree"] = balancer.state_dict()
+    if rank == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(state, ckpt_dir)
+
+    target = gpt_moe_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)
+    restored_balancer = LossFreeBalancer(target, LossFreeConfig(update_rate=1e-2))
+    template = {"model": target.sharded_state_dict()}
+    if balancer is not None:
+        template["lossfree"] = restored_balancer.state_dict()
+    loaded = dist_checkpointing.load(template, ckpt_dir)
+    target.load_state_dict(loaded["model"])
+    if "lossfree" in loaded:
+        restored_balancer.load_state_dict(loaded["lossfree"])
+    restored = {k: v for k, v in target.state_dict().items() if k.endswith("router.expert_bias")}
+    return {
+        "saved": saved_biases,
+        "restored": restored,
+        "steps_done": restored_balancer.steps_done,
+        "dtypes": sorted({str(v.dtype) for v in restored.values()}),
     }
