@@ -16,6 +16,8 @@ so a run killed while saving resumes from the previous one.
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -24,7 +26,10 @@ import torch.distributed as dist
 
 from nemo_lossfree.demo.trainer import ArmTrainer, StepRecord
 
+from torch.distributed.checkpoint.api import CheckpointException
+
 LATEST = "latest"
+SAVE_ATTEMPTS = 3
 FORMAT_VERSION = 1
 
 
@@ -76,8 +81,23 @@ def save(trainer: ArmTrainer, root: str) -> Path:
     if dist.get_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    with cuda_allocations_on_cpu():
-        dist_checkpointing.save(_sharded_state(trainer, is_loading=False), str(directory))
+    for attempt in range(1, SAVE_ATTEMPTS + 1):
+        try:
+            with cuda_allocations_on_cpu():
+                dist_checkpointing.save(_sharded_state(trainer, is_loading=False), str(directory))
+            break
+        except CheckpointException as exc:
+            # Every rank raises together (megatron broadcasts the failure). Seen
+            # once on a heavily loaded machine: the writer's result was missing.
+            print(f"checkpoint save to {directory} failed (attempt {attempt}): {exc!r}",
+                  file=sys.stderr, flush=True)
+            if attempt == SAVE_ATTEMPTS:
+                raise
+            dist.barrier()
+            if dist.get_rank() == 0:
+                shutil.rmtree(directory)
+                directory.mkdir(parents=True)
+            dist.barrier()
     dist.barrier()
     if dist.get_rank() == 0:
         tmp = arm_dir(root, trainer.arm.name) / f".{LATEST}.tmp"

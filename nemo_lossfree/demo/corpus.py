@@ -1,7 +1,7 @@
 """Byte-level text corpus for the demo, with a held-out validation split.
 
 Every machine that runs Python has the standard library's source files, so the
-default corpus needs no download. Files are read in sorted order and a file
+default corpus needs no download. Files are read in a fixed hashed order and a file
 belongs to the validation split when a hash of its relative path says so:
 the split is the same on every machine with the same Python version, and no
 validation text is seen in training (no window straddles the two splits).
@@ -51,11 +51,14 @@ def _text_files(root: Path) -> list[Path]:
         p for p in root.rglob("*")
         if p.is_file() and p.suffix in suffixes and "site-packages" not in p.parts
     ]
-    return sorted(files, key=lambda p: str(p.relative_to(root)))
+    # Hash order, not path order: any prefix (see max_bytes) is a sample of the
+    # whole tree, with both splits in proportion.
+    return sorted(files, key=lambda p: (zlib.crc32(str(p.relative_to(root)).encode()), str(p)))
 
 
 def _is_validation(relative: str) -> bool:
-    return zlib.crc32(relative.encode()) % VAL_EVERY == 0
+    # adler32, independent of the crc32 that orders the files.
+    return zlib.adler32(relative.encode()) % VAL_EVERY == 0
 
 
 def load_corpus(path: Optional[str] = None, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Corpus:

@@ -1,0 +1,113 @@
+"""``nemo-lossfree demo`` end to end on a tiny model: results.json, plot, TensorBoard, table."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from test_demo_support import TINY
+
+ARMS = ("loss_free", "aux_loss", "megatron_bias", "none")
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    result = subprocess.run(
+        [sys.executable, "-m", "nemo_lossfree.cli", "demo", "--out", str(out), "--steps", str(STEPS),
+         "--quiet", *TINY],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return out, result.stdout
+
+
+def test_results_json_has_every_arm_and_field(demo_run):
+    out, _ = demo_run
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["arms"]) == list(ARMS)
+    for arm, r in results["arms"].items():
+        assert set(r) >= {"val_loss", "val_ppl", "maxvio_global", "maxvio_batch_last",
+                          "steps_to_maxvio_batch_below_0.2", "wall_s"}, arm
+        assert 0 < r["val_loss"] < math.log(256) + 0.5, arm  # bytes: at most ~uniform
+        assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
+        assert r["maxvio_global"] >= 0 and r["maxvio_batch_last"] >= 0
+        below = r["steps_to_maxvio_batch_below_0.2"]
+        assert below is None or 1 <= below <= STEPS
+        assert r["wall_s"] > 0
+    config = results["config"]
+    assert config["steps"] == STEPS and config["experts"] == 4 and config["topk"] == 2
+    assert config["arms"] == list(ARMS) and config["expert_model_parallel_size"] == 2
+
+
+def test_arms_start_from_the_same_model_and_data(demo_run):
+    out, _ = demo_run
+    first_losses = [json.loads((out / f"{arm}.json").read_text())["history"]["loss"][0] for arm in ARMS]
+    # Step 1 is the same forward for every arm: same weights, same batch, zero biases;
+    # the aux loss is not part of the language-modelling loss.
+    assert max(first_losses) - min(first_losses) < 1e-5, first_losses
+    later = [json.loads((out / f"{arm}.json").read_text())["history"]["loss"][-1] for arm in ARMS]
+    assert len(set(later)) > 1  # and the arms do train differently
+
+
+def test_biases_of_the_bias_arms(demo_run):
+    out, _ = demo_run
+    for arm in ARMS:
+        data = json.loads((out / f"{arm}.json").read_text())
+        if arm in ("loss_free", "megatron_bias"):
+            assert len(data["final_bias"]) == 2 and all(len(b) == 4 for b in data["final_bias"])
+            assert any(abs(x) > 0 for b in data["final_bias"] for x in b), arm
+        else:
+            assert data["final_bias"] is None, arm
+    loss_free = json.loads((out / "loss_free.json").read_text())
+    for layer in loss_free["final_bias"]:  # centered after every update
+        assert abs(sum(layer) / len(layer)) < 1e-6
+    assert loss_free["balancer_state"]["steps_done"] == STEPS
+
+
+def test_plot_tensorboard_and_console_table(demo_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, stdout = demo_run
+    assert (out / "demo.png").stat().st_size > 10_000
+    for arm in ARMS:
+        events = EventAccumulator(str(out / "tensorboard" / arm))
+        events.Reload()
+        tags = set(events.Tags()["scalars"])
+        assert {"loss", "lossfree/maxvio_batch", "lossfree/maxvio_batch_layer_1",
+                "lossfree/maxvio_batch_layer_2"} <= tags, (arm, tags)
+        assert [e.step for e in events.Scalars("loss")] == list(range(1, STEPS + 1))
+        if arm in ("loss_free", "megatron_bias"):
+            assert {"lossfree/bias_std", "lossfree/bias_max"} <= tags, arm
+    for arm in ARMS:
+        assert arm in stdout
+    assert "MaxVio_global" in stdout
+
+
+def test_report_command_prints_the_table(demo_run):
+    out, _ = demo_run
+    result = subprocess.run([sys.executable, "-m", "nemo_lossfree.cli", "report", str(out),
+                             "--format", "markdown"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("| arm | val loss")
+    assert [line.split("|")[1].strip() for line in lines[2:]] == list(ARMS)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--arms", "loss_free,sinkhorn"], "arms: unknown arm 'sinkhorn'; choose from loss_free"),
+        (["--topk", "5", "--experts", "4"], "topk: must be <= experts (4), got 5"),
+        (["--lossfree", "update_rule=cubic"], "lossfree.update_rule: must be one of sign, proportional"),
+    ],
+)
+def test_bad_options_are_refused_by_name(tmp_path, capsys, argv, message):
+    from nemo_lossfree.cli import main
+
+    assert main(["demo", "--out", str(tmp_path), *argv]) == 2
+    assert message in capsys.readouterr().err
