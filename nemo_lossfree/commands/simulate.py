@@ -144,9 +144,13 @@ def run(args) -> int:
     choice = recommend(scan)
     traces = strategies + scan
     tokens = sum(t.tokens for t in traces)
-    routing_s = sum(t.seconds for t in traces)
+    # CPU time, not wall time: other processes share the machine. With one
+    # thread this is the time of one core.
+    routing_s = sum(t.cpu_seconds for t in traces)
     throughput = {
         "threads": torch.get_num_threads(),
+        "cpu_seconds": routing_s,
+        "wall_seconds": sum(t.seconds for t in traces),
         "tokens_per_s": tokens / routing_s,
         # One token-routing = one token assigned to one of its top-K experts.
         "token_routings_per_s": tokens * args.topk / routing_s,
@@ -154,6 +158,7 @@ def run(args) -> int:
         "setup_s": env.setup_s,
         "candidates_per_token": env.candidates,
         "fallback_tokens": env.fallback_tokens,
+        "refreshed_blocks": env.refreshed_blocks,
     }
     document = {
         "command": "nemo-lossfree simulate " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else []),

@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         job, out_dir = build_job(args)
         script_path = out_dir / f"{job.job_name}.sbatch"
-        text = render_sbatch(job, title=f"nemo-lossfree: {args.config}", script_hint=str(script_path))
+        text = render_sbatch(job, title=f"nemo-lossfree: {args.config}", submit_hint=f"Submit with: sbatch {script_path}")
     except ValueError as exc:
         print(f"nemo-lossfree slurm: {exc}", file=sys.stderr)
         return 2

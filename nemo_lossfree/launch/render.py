@@ -169,11 +169,11 @@ def _layout(job: SlurmJob) -> str:
 
 
 def render_sbatch(job: SlurmJob, *, title: str = "nemo-lossfree training job",
-                  script_hint: str = "<this file>") -> str:
+                  submit_hint: str = "Submit with: sbatch <this file>") -> str:
     """The sbatch script for ``job``, as text."""
     values = {
         "title": title,
-        "script_hint": script_hint,
+        "submit_hint": submit_hint,
         "layout": _layout(job),
         "sbatch_header": _sbatch_header(job),
         "env_block": _env_block(job),

@@ -6,7 +6,7 @@ else is plain bash that a cluster user should be able to read and edit.
 
 SBATCH_TEMPLATE = r"""#!/bin/bash
 # {{title}}
-# Rendered by `nemo-lossfree slurm`; submit with `sbatch {{script_hint}}`.
+# Rendered by `nemo-lossfree slurm`. {{submit_hint}}
 # Layout: {{layout}}
 {{sbatch_header}}
 

@@ -45,6 +45,8 @@ class Trace:
     bias_spread: list[float] = field(default_factory=list)
     tokens: int = 0
     seconds: float = 0.0
+    #: CPU time of this process (not wall time: the machine may be shared).
+    cpu_seconds: float = 0.0
 
     def regret(self) -> float:
         return float(sum(self.maxvio))
@@ -81,8 +83,7 @@ def simulate(env: Environment, config: LossFreeConfig, *, name: str = "",
         raise ValueError(f"steps: must be between 1 and {env.steps}, got {steps}")
     trace = Trace(name=name or config.update_rule, config=config)
     bias_E = torch.zeros(env.num_experts, dtype=torch.float32)  # fp32, as the router keeps it
-    env.restart()
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     for step in range(steps):
         counts_E = env.counts(step, bias_E)
         rate = scheduled_rate(config, step)
@@ -95,4 +96,5 @@ def simulate(env: Environment, config: LossFreeConfig, *, name: str = "",
         trace.bias_spread.append(float(bias_E.max() - bias_E.min()))
         trace.tokens += env.tokens_per_step[step]
     trace.seconds = time.perf_counter() - started
+    trace.cpu_seconds = time.process_time() - started_cpu
     return trace

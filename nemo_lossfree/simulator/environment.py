@@ -87,11 +87,6 @@ class Environment:
             for s in range(steps)
         ]
 
-    def restart(self) -> None:
-        """Call before each simulation: candidate caches back to their zero-offset build."""
-        for engine in self.engines:
-            engine.restart()
-
     def counts(self, step: int, bias_E: torch.Tensor) -> torch.Tensor:
         """float64 ``[E]`` tokens per expert at ``step`` under ``bias_E``."""
         engine = self.engines[step % len(self.engines)]
@@ -100,6 +95,10 @@ class Environment:
     @property
     def fallback_tokens(self) -> int:
         return sum(e.fallback_tokens for e in self.engines)
+
+    @property
+    def refreshed_blocks(self) -> int:
+        return sum(e.refreshed_blocks for e in self.engines)
 
     @property
     def candidates(self) -> int:

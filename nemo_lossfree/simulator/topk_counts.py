@@ -3,15 +3,18 @@
 The simulator routes the same pool of tokens again and again while only a
 per-expert vector (bias + drift + noise) changes, and changes slowly. A full
 ``torch.topk`` over ``[tokens, experts]`` costs ~3 us per token on one core at
-256 experts; instead each token keeps its ``M`` best experts under a
-reference offset ``v_ref`` ("candidates", found once), and a step does top-K
-over ``[tokens, M]`` under the current offset ``v``. An expert outside the
-candidates scores at most ``next_ref + max(v - v_ref)``, where ``next_ref``
-is the token's (M+1)-th best value under ``v_ref``; when the K-th best
-candidate beats that, the result is exact. The few tokens where it does not
-are routed again over all experts; when they stop being few, the candidates
-are rebuilt under the current offset (and ``M`` doubles if that keeps
-happening).
+256 experts. Instead each block of tokens keeps, per token, its ``M`` best
+experts under the offset ``v_ref`` the block was last fully routed with
+("candidates"), and a step does top-K over ``[tokens, M]`` under the current
+offset ``v``. An expert outside the candidates scores at most
+``next_ref + max(v - v_ref)``, where ``next_ref`` is the token's (M+1)-th
+best value under ``v_ref``; when the K-th best candidate beats that, the
+result is exact. The same bound, with the reference value of candidate
+``m + 1``, makes top-K over the first ``m < M`` candidates exact too, so most
+tokens are decided on the first ``m`` (half of M) columns, the rest on all M,
+and the few left over are routed again over all experts. When those are more
+than a few percent of a block, the whole block is routed over all experts
+and its candidates are refreshed under ``v``.
 """
 
 from __future__ import annotations
@@ -20,11 +23,10 @@ from typing import Callable
 
 import torch
 
-# Default tokens per block: the unit of sampling (see pool.py) and of chunked work.
+# Default tokens per block: the unit of sampling (see environment.py) and of work.
 BLOCK_TOKENS = 4096
-# Rebuild the candidate cache under the current offset when more than this
-# fraction of a step's tokens needed the full fallback.
-REBUILD_WHEN_FALLBACK_ABOVE = 0.05
+# Refresh a block's candidates when more than this fraction of its tokens are unsure.
+REFRESH_WHEN_UNSURE_ABOVE = 0.05
 
 
 class CandidateTopK:
@@ -37,7 +39,7 @@ class CandidateTopK:
         num_tokens: tokens in the pool.
         num_experts: E.
         topk: K.
-        candidates: initial M (grows on demand, at most E).
+        candidates: M (default ``max(4K, 32)``, at most E).
         block_tokens: tokens per block (the pool is used in whole blocks).
     """
 
@@ -47,50 +49,79 @@ class CandidateTopK:
         if not 1 <= topk <= num_experts:
             raise ValueError(f"topk: must be between 1 and the number of experts ({num_experts}), got {topk}")
         self.rows = rows
+        self.num_tokens, self.num_experts, self.topk = num_tokens, num_experts, topk
         self.block_tokens = block_tokens
-        self.num_tokens = num_tokens
-        self.num_experts = num_experts
-        self.topk = topk
-        self.candidates = min(num_experts, max(candidates, 2 * topk, 16))
+        self.num_blocks = -(-num_tokens // block_tokens)
+        self.candidates = min(num_experts, candidates or max(4 * topk, 32))
+        # First level: top-K over the first m candidates only.
+        self.first = max(topk, self.candidates // 2)
+        self.cand_scores = torch.empty(num_tokens, self.candidates, dtype=torch.float32)
+        self.cand_experts = torch.empty(num_tokens, self.candidates, dtype=torch.int32)
+        self.next_ref = torch.full((num_tokens,), float("inf"), dtype=torch.float32)
+        self.first_ref = torch.full((num_tokens,), float("inf"), dtype=torch.float32)
+        self.reference_BE = torch.zeros(self.num_blocks, num_experts)
+        # Blocks whose candidates were never built (built on first use).
+        self.built_B = torch.zeros(self.num_blocks, dtype=torch.bool)
         self.fallback_tokens = 0
-        self.rebuilds = 0
-        self._build(torch.zeros(num_experts))
-        self._initial = self._state()
+        self.refreshed_blocks = 0
 
-    def _state(self):
-        return (self.candidates, self.cand_scores, self.cand_experts, self.next_ref, self.reference_E)
+    def _span(self, block: int) -> tuple[int, int]:
+        start = block * self.block_tokens
+        return start, min(start + self.block_tokens, self.num_tokens)
 
-    def restart(self) -> None:
-        """Back to the cache built under a zero offset (a new simulation starts from b = 0)."""
-        (self.candidates, self.cand_scores, self.cand_experts, self.next_ref,
-         self.reference_E) = self._initial
-        self.steps_since_build = 0
-
-    def _build(self, reference_E: torch.Tensor) -> None:
-        """Best M experts per token under ``reference_E``: raw scores, experts, (M+1)-th value."""
+    def _route_block_fully(self, block: int, offset_E: torch.Tensor) -> torch.Tensor:
+        """Top-K over all experts; refreshes the block's candidates under ``offset_E``."""
+        start, stop = self._span(block)
+        scores_TE = self.rows(start, stop)
         m = self.candidates
-        cand_scores = torch.empty(self.num_tokens, m, dtype=torch.float32)
-        cand_experts = torch.empty(self.num_tokens, m, dtype=torch.int32)
-        next_ref = torch.full((self.num_tokens,), -float("inf"), dtype=torch.float32)
         take = min(m + 1, self.num_experts)
-        for start in range(0, self.num_tokens, BLOCK_TOKENS):
-            stop = min(start + BLOCK_TOKENS, self.num_tokens)
-            scores_TE = self.rows(start, stop)
-            values, experts = torch.topk(scores_TE + reference_E, take, dim=1, sorted=True)
-            cand_scores[start:stop] = torch.gather(scores_TE, 1, experts[:, :m])
-            cand_experts[start:stop] = experts[:, :m].int()
-            if take > m:
-                next_ref[start:stop] = values[:, m]
-        self.cand_scores, self.cand_experts, self.next_ref = cand_scores, cand_experts, next_ref
-        self.reference_E = reference_E.clone()
-        self.steps_since_build = 0
+        values, experts = torch.topk(scores_TE + offset_E, take, dim=1, sorted=True)
+        self.cand_scores[start:stop] = torch.gather(scores_TE, 1, experts[:, :m])
+        self.cand_experts[start:stop] = experts[:, :m].int()
+        self.next_ref[start:stop] = values[:, m] if take > m else -float("inf")
+        self.first_ref[start:stop] = values[:, self.first] if take > self.first else -float("inf")
+        self.reference_BE[block] = offset_E
+        self.built_B[block] = True
+        self.refreshed_blocks += 1
+        return experts[:, : self.topk]
 
-    def _rebuild(self, reference_E: torch.Tensor) -> None:
-        # Rebuilt twice in a row: the offset moves faster than M can absorb.
-        if self.steps_since_build <= 1 and self.candidates < self.num_experts:
-            self.candidates = min(self.num_experts, 2 * self.candidates)
-        self.rebuilds += 1
-        self._build(reference_E)
+    def _route_block(self, block: int, offset_E: torch.Tensor) -> torch.Tensor:
+        """``[tokens, K]`` chosen experts of one block under ``offset_E``."""
+        if not self.built_B[block]:
+            return self._route_block_fully(block, offset_E)
+        start, stop = self._span(block)
+        # The most any expert can have gained since the block's build.
+        gained = (offset_E - self.reference_BE[block]).max()
+        # Level 1: the first m candidates; every other expert's value is at
+        # most first_ref + gained (candidates are sorted by reference value).
+        experts_Tm = self.cand_experts[start:stop, : self.first]
+        biased_Tm = self.cand_scores[start:stop, : self.first] + offset_E[experts_Tm]
+        values_TK, slots_TK = torch.topk(biased_Tm, self.topk, dim=1, sorted=False)
+        chosen_TK = torch.gather(experts_Tm, 1, slots_TK)
+        unsure_T = values_TK.amin(dim=1) <= self.first_ref[start:stop] + gained
+        if not bool(unsure_T.any()):
+            return chosen_TK
+        # Level 2: all M candidates of the unsure tokens; others <= next_ref + gained.
+        rows_T = unsure_T.nonzero().squeeze(1) + start
+        experts_UM = self.cand_experts[rows_T]
+        values_UK, slots_UK = torch.topk(self.cand_scores[rows_T] + offset_E[experts_UM],
+                                         self.topk, dim=1, sorted=False)
+        chosen_TK[rows_T - start] = torch.gather(experts_UM, 1, slots_UK)
+        if self.candidates == self.num_experts:
+            return chosen_TK
+        still_U = values_UK.amin(dim=1) <= self.next_ref[rows_T] + gained
+        unsure = int(still_U.sum())
+        if unsure == 0:
+            return chosen_TK
+        if unsure > REFRESH_WHEN_UNSURE_ABOVE * (stop - start):
+            self.fallback_tokens += stop - start
+            return self._route_block_fully(block, offset_E)
+        # Level 3: all experts for the last few.
+        self.fallback_tokens += unsure
+        rows_U = rows_T[still_U] - start
+        full_UE = self.rows(start, stop)[rows_U] + offset_E
+        chosen_TK[rows_U] = torch.topk(full_UE, self.topk, dim=1, sorted=False)[1].int()
+        return chosen_TK
 
     def counts(self, offset_E: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """float64 ``[E]`` tokens per expert of top-K over ``scores + offset_E``.
@@ -99,30 +130,9 @@ class CandidateTopK:
         """
         offset_E = offset_E.float()
         counts_E = torch.zeros(self.num_experts, dtype=torch.int64)
-        # The most any non-candidate expert can have gained since the build.
-        gained = (offset_E - self.reference_E).max()
-        fallback = routed = 0
         for block in blocks.tolist():
-            start = block * self.block_tokens
-            stop = min(start + self.block_tokens, self.num_tokens)
-            routed += stop - start
-            experts_TM = self.cand_experts[start:stop]
-            biased_TM = self.cand_scores[start:stop] + offset_E[experts_TM]
-            values_TK, slots_TK = torch.topk(biased_TM, self.topk, dim=1, sorted=False)
-            chosen_TK = torch.gather(experts_TM, 1, slots_TK)
-            # Exact unless an expert outside the candidates could still win.
-            unsure_T = values_TK.amin(dim=1) <= self.next_ref[start:stop] + gained
-            if self.candidates < self.num_experts and bool(unsure_T.any()):
-                rows_T = unsure_T.nonzero().squeeze(1)
-                fallback += rows_T.numel()
-                full_TE = self.rows(start, stop)[rows_T] + offset_E
-                chosen_TK = chosen_TK.clone()
-                chosen_TK[rows_T] = torch.topk(full_TE, self.topk, dim=1, sorted=False)[1].int()
+            chosen_TK = self._route_block(block, offset_E)
             counts_E += torch.bincount(chosen_TK.reshape(-1), minlength=self.num_experts)
-        self.fallback_tokens += fallback
-        self.steps_since_build += 1
-        if fallback > REBUILD_WHEN_FALLBACK_ABOVE * routed and self.candidates < self.num_experts:
-            self._rebuild(offset_E)
         return counts_E.double()
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import types
 import warnings
 from typing import Optional
 
@@ -119,6 +120,33 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(original)
 
 
+class _TorchOnCpu(types.ModuleType):
+    """``torch`` for modules that allocate with a literal ``device="cuda"``.
+
+    Megatron-Core's pipeline schedules create their token counter with
+    ``torch.zeros(..., device="cuda")``; inside those modules only, factory
+    functions map a CUDA device to the CPU. Everything else is torch itself.
+    """
+
+    _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange")
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+
+    def __getattr__(self, name: str):
+        value = getattr(torch, name)
+        if name in self._FACTORIES:
+
+            def on_cpu(*args, _factory=value, **kwargs):
+                device = kwargs.get("device")
+                if device is not None and torch.device(device).type == "cuda":
+                    kwargs["device"] = "cpu"
+                return _factory(*args, **kwargs)
+
+            return on_cpu
+        return value
+
+
 def enable(force: bool = False) -> bool:
     """Shim Megatron-Core's CUDA-only calls for CPU + gloo. Returns True if active.
 
@@ -166,6 +194,10 @@ def enable(force: bool = False) -> bool:
     fused_softmax.get_default_causal_mask = causal_mask_on_cpu
 
     from megatron.core.tensor_parallel import random as mp_random
+
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _TorchOnCpu()
 
     # There is no CUDA generator: its "state" is empty (the CPU state is
     # captured separately by Megatron's checkpointing and recompute code).

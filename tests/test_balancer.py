@@ -1,0 +1,150 @@
+"""LossFreeBalancer on one rank: grouping, skipping, errors, Megatron's training schedule."""
+
+import pytest
+import torch
+
+from nemo_lossfree import LossFreeBalancer, LossFreeConfig
+from nemo_lossfree.router import LossFreeRouter
+from nemo_lossfree.testing.models import gpt_moe_model, moe_transformer_config
+from nemo_lossfree.update import compute_bias_update
+
+
+def routers_with_expert_counts(pg_collection, counts):
+    routers = torch.nn.ModuleList()
+    for number, experts in enumerate(counts, start=1):
+        router = LossFreeRouter(
+            moe_transformer_config(num_layers=len(counts), num_experts=experts, topk=2),
+            pg_collection=pg_collection,
+        )
+        router.set_layer_number(number)
+        routers.append(router)
+    return routers
+
+
+def test_layers_with_different_expert_counts(pg_collection):
+    model = routers_with_expert_counts(pg_collection, [8, 16, 8])
+    balancer = LossFreeBalancer(model, LossFreeConfig(update_rate=0.1, center=False))
+    counts = [torch.arange(8.0), torch.arange(16.0).flip(0), torch.full((8,), 3.0)]
+    for router, c in zip(model, counts):
+        router.local_tokens_per_expert.copy_(c)
+    metrics = balancer.step()
+    for router, c in zip(model, counts):
+        expected = compute_bias_update(c, torch.zeros_like(c), rate=0.1)
+        assert torch.equal(router.expert_bias, expected)
+        assert router.local_tokens_per_expert.sum() == 0
+    assert metrics["lossfree/maxvio_batch_layer_1"] == pytest.approx((7 - 3.5) / 3.5)
+    assert metrics["lossfree/maxvio_batch_layer_3"] == 0.0
+    assert balancer.steps_done == 1
+
+
+def test_layer_without_tokens_keeps_its_bias(pg_collection):
+    model = routers_with_expert_counts(pg_collection, [8, 8])
+    balancer = LossFreeBalancer(model, LossFreeConfig(update_rate=0.1, center=True))
+    model[0].expert_bias.copy_(torch.linspace(-1, 1, 8))
+    model[1].local_tokens_per_expert.copy_(torch.arange(8.0))
+    balancer.step()
+    assert torch.equal(model[0].expert_bias, torch.linspace(-1, 1, 8))
+    assert model[1].expert_bias.abs().sum() > 0
+
+
+def test_non_finite_counts_raise(pg_collection):
+    model = routers_with_expert_counts(pg_collection, [8])
+    balancer = LossFreeBalancer(model)
+    model[0].local_tokens_per_expert[3] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite expert counts"):
+        balancer.step()
+    assert model[0].expert_bias.abs().sum() == 0
+
+
+def test_frozen_and_eval_routers_are_left_alone(pg_collection):
+    model = routers_with_expert_counts(pg_collection, [8, 8])
+    balancer = LossFreeBalancer(model, LossFreeConfig(update_rate=0.1))
+    for router in model:
+        router.local_tokens_per_expert.copy_(torch.arange(8.0))
+    model[0].frozen_expert_bias = True  # Megatron-LM's --freeze-all-layers sets this
+    balancer.step()
+    assert model[0].expert_bias.abs().sum() == 0 and model[1].expert_bias.abs().sum() > 0
+    model.eval()
+    assert balancer.step() == {}
+
+
+def test_schedule_and_log_every(pg_collection):
+    model = routers_with_expert_counts(pg_collection, [8])
+    cfg = LossFreeConfig(update_rate=0.1, schedule="inverse_time", decay_steps=1, log_every=2, center=False)
+    balancer = LossFreeBalancer(model, cfg)
+    seen = []
+    for _ in range(4):
+        model[0].local_tokens_per_expert.copy_(torch.arange(8.0))
+        seen.append(balancer.step().get("lossfree/update_rate"))
+    assert seen == [pytest.approx(0.1), None, pytest.approx(0.1 / 3), None]
+
+
+def test_requires_a_loss_free_router(pg_collection):
+    with pytest.raises(ValueError, match="no LossFreeRouter found"):
+        LossFreeBalancer(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="config: must be a LossFreeConfig"):
+        LossFreeBalancer(routers_with_expert_counts(pg_collection, [8]), {"update_rate": 1e-3})
+
+
+def test_state_dict_round_trip(pg_collection, caplog):
+    model = routers_with_expert_counts(pg_collection, [8])
+    balancer = LossFreeBalancer(model, LossFreeConfig(update_rate=0.1))
+    for _ in range(3):
+        balancer.step()
+    state = balancer.state_dict()
+    assert state["steps_done"] == 3
+    resumed = LossFreeBalancer(model, LossFreeConfig(update_rate=0.1))
+    resumed.load_state_dict(state)
+    assert resumed.steps_done == 3
+    changed = LossFreeBalancer(model, LossFreeConfig(update_rate=0.2))
+    changed.load_state_dict(state)
+    assert "differs from the checkpoint" in caplog.text
+
+
+def test_runs_inside_megatron_schedule_through_finalize_model_grads(single_rank):
+    """attach() puts the update in Megatron's own training step (DDP + schedule)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    config = moe_transformer_config(num_layers=2, num_experts=8, topk=2)
+    model = gpt_moe_model(config, vocab_size=64, max_sequence_length=16)
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
+    balancer = LossFreeBalancer(ddp, LossFreeConfig(update_rate=1e-2)).attach(config)
+    assert balancer.attach(config) is balancer  # attaching twice wraps once
+    gen = torch.Generator().manual_seed(0)
+
+    def batches():
+        while True:
+            yield torch.randint(0, 64, (2, 16), generator=gen)
+
+    def forward_step(data_iterator, module):
+        ids = next(data_iterator)
+        pos = torch.arange(16).unsqueeze(0).expand(2, 16)
+        output = module(ids, pos, None, labels=ids)
+        return output, lambda out: (out.float().mean(), {})
+
+    seen_counts = []
+    original_step = balancer.step
+
+    def spy():
+        seen_counts.append(sum(r.local_tokens_per_expert.sum().item() for r in balancer.routers))
+        return original_step()
+
+    balancer.step = spy
+    forward_backward = get_forward_backward_func()
+    for _ in range(2):
+        forward_backward(
+            forward_step_func=forward_step, data_iterator=batches(), model=[ddp],
+            num_microbatches=3, seq_length=16, micro_batch_size=2, forward_only=False,
+        )
+    # One update per global batch; 3 micro-batches x 32 tokens x top-2 x 2 layers counted.
+    assert balancer.steps_done == 2
+    assert seen_counts == [3 * 32 * 2 * 2] * 2
+    assert any(r.expert_bias.abs().sum() > 0 for r in balancer.routers)
+    # forward_only (evaluation) neither counts nor updates.
+    forward_backward(
+        forward_step_func=forward_step, data_iterator=batches(), model=[ddp],
+        num_microbatches=1, seq_length=16, micro_batch_size=2, forward_only=True,
+    )
+    assert balancer.steps_done == 2
+    assert all(r.local_tokens_per_expert.sum() == 0 for r in balancer.routers)
