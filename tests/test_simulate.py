@@ -25,7 +25,7 @@ from nemo_lossfree.update import compute_bias_update
 @pytest.mark.parametrize("score_function", ["sigmoid", "softmax"])
 def test_candidate_counts_equal_full_topk_under_any_offset(score_function):
     pool = SyntheticPool(num_tokens=2048, num_experts=32, score_function=score_function, skew=0.5, seed=3)
-    engine = CandidateTopK(pool.rows, pool.num_tokens, 32, topk=4, block_tokens=512)
+    engine = CandidateTopK(pool.rows, pool.num_tokens, 32, topk=4, candidates=12, block_tokens=512)
     scores = pool.rows(0, pool.num_tokens)
     spread = float(scores.std())
     generator = torch.Generator().manual_seed(0)
