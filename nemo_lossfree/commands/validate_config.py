@@ -1,0 +1,53 @@
+"""``nemo-lossfree validate-config FILE [key=value ...]``: check a run config.
+
+Prints one line per problem, each starting with the key
+(``lossfree.update_rate: must be a finite number >= 0, got -0.001``), and
+exits 2; prints warnings (``warning: <key>: ...``) and a one-paragraph
+summary and exits 0 when the config is valid. Never a traceback for a bad
+config: it is user input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nemo_lossfree import layout_check
+from nemo_lossfree.run_config import RunConfigError, load_run_config
+
+
+def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        name,
+        help=help_text,
+        description=help_text + ". Exit code 0: valid; 2: problems (one line each, naming the key).",
+    )
+    parser.add_argument("config", metavar="FILE", help="YAML run config (see configs/)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="overrides such as lossfree.enabled=true model.num_layers=4 (YAML scalar typing)",
+    )
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_run_config(args.config, args.overrides)
+    except FileNotFoundError:
+        print(f"{args.config}: no such file", file=sys.stderr)
+        return 2
+    except RunConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    problems, warnings, facts = layout_check.check(config)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if problems:
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        print(f"{args.config}: {len(problems)} problem(s)", file=sys.stderr)
+        return 2
+    print(f"{args.config}: valid. {layout_check.describe(config, facts)}")
+    return 0
