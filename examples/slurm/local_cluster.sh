@@ -80,7 +80,9 @@ write_config() {
     echo "AuthType=auth/munge"
     echo "CredType=cred/munge"
     # Our own munged, on our own socket: nothing shared with a system munge.
-    echo "AuthInfo=socket=$STATE/munge/munge.socket"
+    # cred_expire is also how long a requeued job waits before it may start
+    # again (default 120 s); on one machine 10 s is plenty.
+    echo "AuthInfo=socket=$STATE/munge/munge.socket,cred_expire=10"
     echo "StateSaveLocation=$STATE/ctld"
     echo "SlurmdSpoolDir=$STATE/spool/%n"
     echo "SlurmctldPidFile=$STATE/run/slurmctld.pid"
@@ -93,6 +95,9 @@ write_config() {
     echo "JobAcctGatherType=jobacct_gather/none"
     echo "AccountingStorageType=accounting_storage/none"
     echo "SchedulerType=sched/backfill"
+    # Start a requeued job seconds after it may run again, not at the next
+    # 30-60 s scheduling pass.
+    echo "SchedulerParameters=sched_interval=5,bf_interval=5"
     echo "SelectType=select/cons_tres"
     echo "SelectTypeParameters=CR_CPU"
     echo "MpiDefault=none"
