@@ -10,7 +10,9 @@ same random counts (untimed), then one of these runs (timed, interleaved):
 - ``lossfree``: ``LossFreeBalancer.step()`` with metrics (log_every=1);
 - ``lossfree_nolog``: the same on a step that records no metrics;
 - ``upstream``: ``megatron.core.distributed.finalize_model_grads._update_router_expert_bias``
-  on ``TopKRouter(moe_router_enable_expert_bias=True)`` modules of the same shape;
+  then ``reset_model_temporary_tensors`` (which zeroes the counts), as
+  ``finalize_model_grads`` runs them, on ``TopKRouter(moe_router_enable_expert_bias=True)``
+  modules of the same shape;
 - ``overlapped``: a proposal (not in the package): the all-reduce is started
   with ``async_op=True`` right after the last backward and waited for after
   the optimizer step (simulated by ``--overlap-ms`` of busy work); the time on
@@ -192,7 +194,10 @@ def worker(rank: int, world_size: int, init_method: str, options: dict[str, Any]
 def measure(rank: int, world_size: int, options: dict[str, Any]) -> Optional[dict[str, Any]]:
     """One model layout (options["mixed"]): count collectives, time the variants."""
     import torch.distributed as dist
-    from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
+    from megatron.core.distributed.finalize_model_grads import (
+        _update_router_expert_bias,
+        reset_model_temporary_tensors,
+    )
 
     from nemo_lossfree import LossFreeBalancer, LossFreeConfig
 
@@ -228,9 +233,13 @@ def measure(rank: int, world_size: int, options: dict[str, Any]) -> Optional[dic
         except Exception as exc:  # noqa: BLE001 - recorded: upstream cannot mix expert counts
             upstream_error = f"{type(exc).__name__}: {exc}"
     if upstream_error is None:
-        runs["upstream"] = lambda: _update_router_expert_bias(
-            list(upstream), upstream_config, tp_dp_cp_group=group
-        )
+        def upstream_step() -> None:
+            # What finalize_model_grads does for the expert bias: the update,
+            # then reset_model_temporary_tensors zeroes the counts.
+            _update_router_expert_bias(list(upstream), upstream_config, tp_dp_cp_group=group)
+            reset_model_temporary_tensors(upstream_config, list(upstream))
+
+        runs["upstream"] = upstream_step
 
     # Collectives per step, counted on one step of each variant.
     collectives = {}
@@ -300,6 +309,52 @@ def measure(rank: int, world_size: int, options: dict[str, Any]) -> Optional[dic
     return result
 
 
+def profile_steps(steps: int = 200, top: int = 18) -> str:
+    """cProfile of each variant's step on one rank (no collective cost): where the time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    from megatron.core.distributed.finalize_model_grads import (
+        _update_router_expert_bias,
+        reset_model_temporary_tensors,
+    )
+
+    from nemo_lossfree import LossFreeBalancer, LossFreeConfig
+    from nemo_lossfree.testing import cpu
+
+    torch.set_num_threads(1)
+    cpu.enable()
+    cpu.init_distributed(0, 1, init_method=f"tcp://127.0.0.1:{timing.free_tcp_port()}")
+    shape = dict(DSV3, tokens_per_rank=16384)
+    ours, upstream, upstream_config = build_router_stacks(shape, mixed=False)
+    group = ours[0].tp_dp_cp_group
+    variants = {
+        "lossfree": LossFreeBalancer(ours, LossFreeConfig(log_every=1)).step,
+        "lossfree_nolog": LossFreeBalancer(ours, LossFreeConfig(log_every=10**9)).step,
+        "upstream": lambda: (
+            _update_router_expert_bias(list(upstream), upstream_config, tp_dp_cp_group=group),
+            reset_model_temporary_tensors(upstream_config, list(upstream)),
+        ),
+    }
+    out = []
+    for name, run in variants.items():
+        for router in list(ours) + list(upstream):
+            router.local_tokens_per_expert.fill_(1.0)
+        run()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(steps):
+            run()
+        profiler.disable()
+        stream = io.StringIO()
+        stats = pstats.Stats(profiler, stream=stream)
+        stats.sort_stats("tottime").print_stats(top)
+        out.append(f"== {name}: {steps} steps, {stats.total_tt / steps * 1e3:.2f} ms/step under cProfile\n"
+                   + stream.getvalue())
+    return "\n".join(out)
+
+
 def run_world(world_size: int, options: dict[str, Any]) -> list[dict[str, Any]]:
     import torch.multiprocessing as mp
 
@@ -345,7 +400,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="also run a model that mixes 256- and 64-expert routers")
     parser.add_argument("--quick", action="store_true", help="5 tiny routers, 3 repetitions (CI)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", action="store_true",
+                        help="print a cProfile of each variant on one rank instead of timing")
     args = parser.parse_args(argv)
+    if args.profile:
+        print(profile_steps())
+        return 0
     for name in ("repetitions", "tokens_per_rank"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")

@@ -87,7 +87,7 @@ def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser
     g.add_argument("--rule", choices=UPDATE_RULES, default="sign", help="rule of the rate scan (default %(default)s)")
     g.add_argument("--schedule", choices=SCHEDULES, default="constant", help="schedule of the rate scan (default %(default)s)")
     g.add_argument("--no-center", dest="center", action="store_false", help="rate scan without re-centering")
-    g.add_argument("--target-maxvio", type=_nonnegative_float, default=0.1, help="(default %(default)s)")
+    g.add_argument("--target-maxvio", type=_nonnegative_float, default=0.2, help="(default %(default)s)")
     g.add_argument("--window", type=_positive_int, default=10,
                    help="steps whose mean MaxVio must reach the target (default %(default)s)")
     g = p.add_argument_group("output")

@@ -1,0 +1,73 @@
+"""The benchmark scripts in quick mode: they run and report well-formed results.
+
+No timing is asserted (shared CI machines); what is asserted is what the
+benchmarks themselves check: the same routing decisions as upstream, one
+collective per balancer step, identical replicas, upstream's failure on
+mixed expert counts.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(name, *args, timeout=300):
+    completed = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", name), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return completed.stdout
+
+
+def positive(value):
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def test_router_overhead_quick(tmp_path):
+    out = tmp_path / "router.json"
+    stdout = run_script("router_overhead.py", "--quick", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "router_overhead" and result["dtype"] == "fp32"
+    assert result["machine"]["torch_threads"] == 1
+    assert [row["scope"] for row in result["rows"]] == ["router", "routing"]
+    for row in result["rows"]:
+        assert set(row["median_ms"]) == {"lossfree", "upstream_bias", "upstream_aux"}
+        assert all(positive(v) for v in row["median_ms"].values())
+        assert positive(row["ratio_vs_upstream_bias"]) and positive(row["ratio_vs_upstream_aux"])
+        assert row["same_selection_as_upstream_bias"] is True
+    assert "| T x H x E x K |" in stdout
+
+
+def test_router_overhead_rejects_a_bad_shape():
+    completed = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "router_overhead.py"), "--shapes", "64x8x4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 2
+    assert "TOKENSxHIDDENxEXPERTSxTOPK" in completed.stderr
+
+
+def test_balancer_cost_quick_two_ranks(tmp_path):
+    out = tmp_path / "balancer.json"
+    stdout = run_script("balancer_cost.py", "--quick", "--world-sizes", "2", "--json", str(out))
+    result = json.loads(out.read_text())
+    uniform, mixed = result["rows"]
+    assert (uniform["world_size"], uniform["mixed"], mixed["mixed"]) == (2, False, True)
+    assert uniform["routers"] == mixed["routers"] == 4  # 3 MoE layers + 1 MTP layer
+    for row in (uniform, mixed):
+        assert row["replicas_identical"] is True
+        assert row["collectives_per_step"]["lossfree"] == {"all_reduce": 1, "total": 1}
+        assert row["collectives_per_step"]["overlapped"] == {"all_reduce": 1, "total": 1}
+        assert all(positive(v) for v in row["median_ms"].values())
+    assert uniform["collectives_per_step"]["upstream"] == {"all_reduce": 1, "total": 1}
+    assert positive(uniform["ratio_lossfree_vs_upstream"])
+    assert mixed["expert_counts"] == [4, 16]
+    assert "upstream" not in mixed["median_ms"] and "stack expects" in mixed["upstream_error"]
+    assert "collectives / step" in stdout
