@@ -107,7 +107,8 @@ def _routing(c: _Checker, lossfree: Optional[LossFreeConfig]) -> dict[str, Any]:
                 f"model.moe_router_group_topk: must be <= moe_router_num_groups ({groups}), "
                 f"got {group_topk}"
             )
-    if groups is not None and experts % groups:
+    # Megatron checks the groups only when group-limited routing is on.
+    if group_topk is not None and groups is not None and experts % groups:
         c.problems.append(
             f"model.moe_router_num_groups: must divide num_moe_experts ({experts}), got {groups}"
         )

@@ -144,9 +144,12 @@ def load_run_config(
 
 
 def tasks_per_node(cluster: Mapping[str, Any]) -> Any:
-    """``cluster.tasks_per_node``, defaulting to ``gpus_per_node`` (one rank per GPU)."""
+    """``cluster.tasks_per_node``, defaulting to ``gpus_per_node`` (one rank per GPU); None if unknown."""
     value = cluster.get("tasks_per_node")
-    return cluster.get("gpus_per_node") if value is None else value
+    if value is None:
+        gpus = cluster.get("gpus_per_node")
+        return gpus if gpus else None  # CPU runs (0 GPUs) must say how many processes
+    return value
 
 
 def split_sections(config: Mapping[str, Any]) -> tuple[dict, dict, dict]:
