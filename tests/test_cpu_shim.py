@@ -21,7 +21,8 @@ def test_enable_changes_nothing_when_cuda_is_available():
         from megatron.core import jit
         from megatron.core.pipeline_parallel import schedules
         assert jit.jit_fuser is not jit.noop_decorator
-        assert schedules.torch is torch
+        from megatron.core.optimizer import optimizer
+        assert schedules.torch is torch and optimizer.torch is torch
         print("inert")
         """
     )
@@ -56,3 +57,25 @@ def test_rng_tracker_forks_reproducible_streams():
     with fresh.fork("model-parallel-rng"):
         again = torch.cat([torch.rand(3), torch.rand(3)])
     assert torch.equal(torch.cat([first, second]), again)  # the stream continues across forks
+
+
+def test_megatron_optimizer_steps_and_clips_on_cpu(single_rank):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from nemo_lossfree.testing.models import gpt_moe_model, moe_transformer_config
+
+    config = moe_transformer_config(num_layers=1, num_experts=4)
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), gpt_moe_model(config, vocab_size=32))
+    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, clip_grad=1e-3), [ddp])
+    ids = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(16).unsqueeze(0).expand(2, 16)
+    ddp.zero_grad_buffer()
+    ddp(ids, pos, None, labels=ids).float().mean().backward()
+    ddp.finish_grad_sync()
+    before = [p.detach().clone() for p in ddp.parameters()]
+    ok, grad_norm, _ = optimizer.step()
+    assert ok and grad_norm > 1e-3  # the norm before clipping
+    clipped = torch.sqrt(sum((p.main_grad.float() ** 2).sum() for p in ddp.parameters()))
+    assert clipped.item() <= 1e-3 * 1.001
+    assert any(not torch.equal(b, p) for b, p in zip(before, ddp.parameters()))

@@ -123,9 +123,10 @@ class CpuRNGStatesTracker:
 class _TorchOnCpu(types.ModuleType):
     """``torch`` for modules that allocate with a literal ``device="cuda"``.
 
-    Megatron-Core's pipeline schedules create their token counter with
-    ``torch.zeros(..., device="cuda")``; inside those modules only, factory
-    functions map a CUDA device to the CPU. Everything else is torch itself.
+    Megatron-Core's pipeline schedules and optimizers create small tensors
+    with ``torch.zeros(..., device="cuda")``; inside those modules only,
+    factory functions map a CUDA device to the CPU. Everything else is torch
+    itself.
     """
 
     _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange")
@@ -195,9 +196,25 @@ def enable(force: bool = False) -> bool:
 
     from megatron.core.tensor_parallel import random as mp_random
 
-    from megatron.core.pipeline_parallel import schedules
+    # Modules that allocate with a literal device="cuda": the schedules' token
+    # counter, the optimizers' found-inf / grad-norm flags, grad clipping
+    # and the grad-norm fallback kernels.
+    import importlib
 
-    schedules.torch = _TorchOnCpu()
+    for name in (
+        "megatron.core.pipeline_parallel.schedules",
+        "megatron.core.optimizer.optimizer",
+        "megatron.core.optimizer.clip_grads",
+        "megatron.core.utils",  # local_multi_tensor_l2_norm (no Apex or TE here)
+    ):
+        importlib.import_module(name).torch = _TorchOnCpu()
+
+    # Gradient clipping asserts CUDA tensor types; clip the same way on the CPU.
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+
+    megatron_optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_on_cpu
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_on_cpu
 
     # There is no CUDA generator: its "state" is empty (the CPU state is
     # captured separately by Megatron's checkpointing and recompute code).
@@ -224,6 +241,21 @@ def _keep_cpu_tracker(*args, force_reset: bool = False, **kwargs) -> None:
     if force_reset or mp_random._CUDA_RNG_STATE_TRACKER is None:
         mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def clip_grad_by_total_norm_on_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Megatron's clip_grad_by_total_norm_fp32 semantics without its CUDA-only checks."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if isinstance(clip_coeff, torch.Tensor):
+        clip_coeff = clip_coeff.clamp_max(1.0)
+    elif clip_coeff >= 1.0:
+        return
+    for grad in grads:
+        grad.detach().mul_(clip_coeff)
 
 
 def is_enabled() -> bool:
@@ -263,7 +295,7 @@ def init_distributed(
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         context_parallel_size=context_parallel_size,
         expert_model_parallel_size=expert_model_parallel_size,
-        create_gloo_process_groups=False,
+        create_gloo_process_groups=True,  # Megatron's optimizer asks for its gloo DP groups
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
