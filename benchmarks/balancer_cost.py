@@ -352,7 +352,62 @@ def profile_steps(steps: int = 200, top: int = 18) -> str:
         stats.sort_stats("tottime").print_stats(top)
         out.append(f"== {name}: {steps} steps, {stats.total_tt / steps * 1e3:.2f} ms/step under cProfile\n"
                    + stream.getvalue())
+    out.append(per_router_costs(list(ours), variants))
     return "\n".join(out)
+
+
+def per_router_costs(routers, variants, repetitions: int = 300) -> str:
+    """CPU time of the per-router Python in a step, next to cheaper equivalents (us per step)."""
+    def cpu_us(fn) -> float:
+        fn()
+        begin = time.process_time()
+        for _ in range(repetitions):
+            fn()
+        return (time.process_time() - begin) / repetitions * 1e6
+
+    def set_module_attr():
+        for r in routers:
+            r.forwards_since_update = 0
+
+    def set_plain_attr():
+        for r in routers:
+            object.__setattr__(r, "forwards_since_update", 0)
+
+    def zero_loop():
+        for r in routers:
+            r.local_tokens_per_expert.zero_()
+
+    def zero_foreach():
+        torch._foreach_zero_([r._buffers["local_tokens_per_expert"] for r in routers])
+
+    def cat_reshaped():
+        torch.cat([r.local_tokens_per_expert.reshape(-1) for r in routers]).double()
+
+    def cat_buffers():
+        torch.cat([r._buffers["local_tokens_per_expert"] for r in routers]).double()
+
+    updated = torch.zeros(len(routers), routers[0].expert_bias.numel())
+
+    def copy_loop():
+        for r, row in zip(routers, updated):
+            r.expert_bias.copy_(row)
+
+    def copy_foreach():
+        torch._foreach_copy_([r._buffers["expert_bias"] for r in routers], list(updated.unbind(0)))
+
+    rows = [
+        ("LossFreeBalancer.step, log_every=1", cpu_us(variants["lossfree"]), None, None),
+        ("LossFreeBalancer.step, no metrics", cpu_us(variants["lossfree_nolog"]), None, None),
+        ("upstream update + reset (1-rank gloo)", cpu_us(variants["upstream"]), None, None),
+        ("router.forwards_since_update = 0", cpu_us(set_module_attr), "object.__setattr__", cpu_us(set_plain_attr)),
+        ("local_tokens_per_expert.zero_() loop", cpu_us(zero_loop), "torch._foreach_zero_", cpu_us(zero_foreach)),
+        ("cat of .reshape(-1) buffers", cpu_us(cat_reshaped), "cat of _buffers[...]", cpu_us(cat_buffers)),
+        ("expert_bias.copy_ loop", cpu_us(copy_loop), "torch._foreach_copy_", cpu_us(copy_foreach)),
+    ]
+    lines = [f"== per-router costs, {len(routers)} routers, CPU us per step ({repetitions} repetitions)"]
+    for what, us, alternative, alt_us in rows:
+        lines.append(f"{what:<40} {us:9.1f}" + (f"   {alternative:<24} {alt_us:9.1f}" if alternative else ""))
+    return "\n".join(lines)
 
 
 def run_world(world_size: int, options: dict[str, Any]) -> list[dict[str, Any]]:
@@ -428,7 +483,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
         "shape": shape,
         "assumed_step_s": ASSUMED_STEP_S,
-        "machine": timing.machine_info(torch.device("cpu")),
+        "machine": dict(timing.machine_info(torch.device("cpu")), worker_torch_threads=1),
         "wall_s": time.time() - started,
         "rows": rows,
     }
