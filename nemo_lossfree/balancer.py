@@ -111,7 +111,7 @@ class LossFreeBalancer:
         float64 keeps counts exact past 2**24 tokens per expert (a large
         global batch summed over many ranks), where float32 would round.
         """
-        flat = torch.cat([r.local_tokens_per_expert.reshape(-1) for r in routers]).double()
+        flat = torch.cat([r.local_tokens_per_expert for r in routers]).double()
         if dist.is_available() and dist.is_initialized():
             if self.process_group is None or dist.get_world_size(self.process_group) > 1:
                 dist.all_reduce(flat, group=self.process_group)
@@ -160,16 +160,15 @@ class LossFreeBalancer:
             # A layer that saw no token this step has no information: keep it.
             has_tokens_L1 = counts_LE.sum(dim=-1, keepdim=True) > 0
             updated_LE = torch.where(has_tokens_L1, updated_LE, bias_LE)
-            for row, i in enumerate(indices):
-                routers[i].expert_bias.copy_(updated_LE[row])
+            torch._foreach_copy_([routers[i].expert_bias for i in indices], list(updated_LE.unbind(0)))
             if log_now:
                 vio_L = lf_metrics.max_violation(counts_LE).tolist()
                 maxvio.extend(vio_L)
                 dead.extend(lf_metrics.dead_expert_fraction(counts_LE).tolist())
                 for i, value in zip(indices, vio_L):
                     result[f"lossfree/maxvio_batch_layer_{layer_id(routers[i], i)}"] = value
+        torch._foreach_zero_([r.local_tokens_per_expert for r in routers])
         for router in routers:
-            router.local_tokens_per_expert.zero_()
             router.forwards_since_update = 0
         if log_now:
             result.update(
