@@ -145,6 +145,9 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> DemoSettings:
     lossfree = dict(DEMO_LOSSFREE)
     lossfree.update(dict(args.lossfree_overrides))
+    # Typed values (results.json records numbers, not the command line's strings).
+    typed = LossFreeConfig.from_dict(lossfree)
+    lossfree = {key: getattr(typed, key) for key in lossfree}
     names = {f.name for f in dataclasses.fields(DemoSettings)} - {"lossfree"}
     return DemoSettings(lossfree=lossfree, **{n: getattr(args, n) for n in names})
 
