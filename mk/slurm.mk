@@ -1,12 +1,12 @@
 # SLURM: a local cluster for trying the generated sbatch jobs, and the real-SLURM tests.
-#   make slurm-up [SLURM_NODES=2]   install (if needed) and start a local cluster (root)
+#   make slurm-up [SLURM_NODES=2]   install (if needed) and start a local cluster (root; default 1 node)
 #   make slurm-test                 the real-SLURM tests against it (then: eval "$$(examples/slurm/local_cluster.sh env)")
 #   make slurm-down                 stop it
 #   make slurm-ci                   what CI runs: up, test, down (down also on failure)
 #   make slurm-examples             re-render examples/slurm/*.sbatch
 .PHONY: slurm-up slurm-down slurm-status slurm-test slurm-ci slurm-examples
 
-SLURM_NODES ?= 2
+SLURM_NODES ?= 1
 SLURM_CLUSTER := examples/slurm/local_cluster.sh
 
 slurm-up:

@@ -261,6 +261,34 @@ def test_no_requeue_after_max_requeues_or_when_disabled(tmp_path):
     assert (tmp_path / "calls").read_text().splitlines() == ["scancel --signal=USR1 4242", "saved"]
 
 
+# ---- the examples in examples/slurm/ ----------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_config_has_a_valid_example_with_its_layout():
+    from nemo_lossfree.run_config import load_run_config
+
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    assert configs, "no configs/*.yaml"
+    for config_path in configs:
+        example = REPO / "examples" / "slurm" / f"{config_path.stem}.sbatch"
+        assert example.exists(), f"{example.name} missing: run `make slurm-examples`"
+        text = example.read_text()
+        proc = subprocess.run(["bash", "-n", str(example)], capture_output=True, text=True)
+        assert proc.returncode == 0, (example.name, proc.stderr)
+        cluster = load_run_config(config_path)["cluster"]
+        options = sbatch_options(text)
+        stale = f"{example.name} does not match {config_path.name}: run `make slurm-examples`"
+        assert f"--nodes={cluster['nodes']}" in options, stale
+        if cluster["gpus_per_node"]:
+            assert f"--gpus-per-node={cluster['gpus_per_node']}" in options, stale
+            assert f"--config-file configs/{config_path.name}" in bash_array(text, "launch"), stale
+        else:
+            assert f"--ntasks-per-node={cluster['tasks_per_node']}" in options, stale
+            assert "-m nemo_lossfree.demo.worker" in bash_array(text, "launch"), stale
+
+
 # ---- the command line ---------------------------------------------------------
 
 TINY = textwrap.dedent("""\
@@ -270,6 +298,8 @@ TINY = textwrap.dedent("""\
             tensor_model_parallel_size: 1}
     train: {train_iters: 30, global_batch_size: 16, micro_batch_size: 2}
     optimizer: {lr: 0.003}
+    scheduler: {lr_warmup_iters: 3}
+    rng: {seed: 7}
     checkpoint: {save: null, save_interval: 10}
     lossfree: {enabled: true, update_rate: 0.01, center: true}
 """)
@@ -292,7 +322,7 @@ def test_cli_cpu_job_translates_the_config(tmp_path):
     job = tmp_path / "job"
     for expected in ("--arm loss_free", f"--out {job}/results", f"--save {job}/checkpoints",
                      f"--load {job}/checkpoints", "--save-interval 10", "--steps 12", "--experts 8",
-                     "--layers 2", "--lr 0.003",
+                     "--layers 2", "--lr 0.003", "--lr-warmup-steps 3", "--seed 7",
                      # 16 sequences / (2 per micro-batch x 2 ranks) = 4 micro-batches per rank
                      "--num-micro-batches 4", "--lossfree update_rate=0.01", "--lossfree center=true"):
         assert expected in launch, expected
@@ -302,11 +332,13 @@ def test_cli_cpu_job_translates_the_config(tmp_path):
 def test_cli_gpu_job_runs_the_bridge_entry_point(tmp_path):
     (tmp_path / "big.yaml").write_text(TINY.replace("save: null", "save: /lustre/ckpt"))
     proc = _cli("--config", "big.yaml", "--nodes", "128", "--gpus-per-node", "8", "--dry-run",
+                "--recipe", "deepseek_v3_pretrain_config",
                 "--container-image", "nvcr.io/nvidia/nemo:25.11", "lossfree.update_rate=0.001",
                 cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     launch = bash_array(proc.stdout, "launch")
-    assert launch[-4:] == ["-m nemo_lossfree.bridge.pretrain", "--config-file big.yaml",
+    assert launch[-5:] == ["-m nemo_lossfree.bridge.pretrain", "--recipe deepseek_v3_pretrain_config",
+                           "--config-file big.yaml",
                            "lossfree.update_rate=0.001", "checkpoint.load=/lustre/ckpt"]
     assert "--nproc-per-node=8" in launch
     assert "--nodes=128" in sbatch_options(proc.stdout)
@@ -317,6 +349,8 @@ def test_cli_gpu_job_runs_the_bridge_entry_point(tmp_path):
     (["--ntasks-per-node", "3"], "must be a multiple of model.expert_model_parallel_size (2)"),
     (["train.global_batch_size=6"], "train.global_batch_size: must be a multiple of"),
     (["--gpus-per-node", "8", "--ntasks-per-node", "3"], "--ntasks-per-node: with GPUs it must be 1"),
+    (["--gpus-per-node", "8"], "--recipe: GPU jobs run nemo_lossfree.bridge.pretrain"),
+    (["--time", "1 day"], "--time: must be a SLURM time"),
 ])
 def test_cli_rejects_bad_input_with_the_key(tmp_path, argv, message):
     (tmp_path / "tiny.yaml").write_text(TINY)

@@ -5,13 +5,13 @@
 # completes, a job that is preempted, requeued and resumed), and stops the
 # cluster afterwards, also when something failed.
 #
-# NLF_SLURM_NODES=2 (default) emulates two nodes with network namespaces, so
-# the ranks rendezvous across "nodes"; NLF_SLURM_NODES=1 uses one slurmd on
-# localhost (for machines where network namespaces are not allowed).
+# Default: one slurmd on localhost, jobs with --ntasks-per-node 2.
+# NLF_SLURM_NODES=2 emulates two nodes with network namespaces, so the two
+# ranks rendezvous across "nodes" (see docs/slurm.md for what it achieved).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-nodes=${NLF_SLURM_NODES:-2}
+nodes=${NLF_SLURM_NODES:-1}
 tasks=${NLF_SLURM_TASKS:-$((2 / nodes > 0 ? 2 / nodes : 1))}
 export NLF_SLURM_NODES=$nodes NLF_SLURM_TASKS=$tasks
 

@@ -10,6 +10,7 @@ examples/slurm/<name>.sbatch`.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -25,6 +26,16 @@ GPU_SITE = dict(account="my_account", partition="batch", time="04:00:00",
                 container_image="nvcr.io#nvidia/nemo:TAG", container_mounts="/lustre:/lustre")
 
 
+def paired_recipe(config_path: Path) -> str:
+    """The Bridge recipe a config's header pairs it with (``--recipe NAME`` in its comments).
+
+    Configs that name none get the placeholder RECIPE_NAME: replace it with
+    the Megatron-Bridge recipe the config completes.
+    """
+    match = re.search(r"^#.*--recipe (\S+)", config_path.read_text(), re.M)
+    return match.group(1) if match else "RECIPE_NAME"
+
+
 def job_for(config_path: Path) -> SlurmJob:
     rel = config_path.relative_to(REPO).as_posix()
     config = payload.load_config(str(config_path), [])
@@ -33,8 +44,9 @@ def job_for(config_path: Path) -> SlurmJob:
     gpus = cluster.get("gpus_per_node") or 0
     name = config_path.stem
     if gpus:
-        return SlurmJob(command=payload.gpu_pretrain_command(rel, [], config), nodes=nodes,
-                        gpus_per_node=gpus, job_name=name, log_dir="logs", **GPU_SITE)
+        command = payload.gpu_pretrain_command(rel, [], config, recipe=paired_recipe(config_path))
+        return SlurmJob(command=command, nodes=nodes, gpus_per_node=gpus, job_name=name,
+                        log_dir="logs", **GPU_SITE)
     tasks = cluster.get("tasks_per_node") or 2
     run_dir = f"runs/slurm/{name}"
     world = nodes * tasks
@@ -53,7 +65,7 @@ def main() -> int:
         job = job_for(config_path)
         out = HERE / f"{config_path.stem}.sbatch"
         rel = config_path.relative_to(REPO).as_posix()
-        out.write_text(render_sbatch(job, title=f"{rel}: {config_path.stem}",
+        out.write_text(render_sbatch(job, title=f"job for {rel}",
                                      submit_hint=("Submit from the repository root: "
                                                   f"mkdir -p logs && sbatch examples/slurm/{out.name}")))
         out.chmod(0o755)

@@ -9,8 +9,8 @@ cluster, does not collect it:
     .venv/bin/python -m pytest -q examples/slurm/test_real_slurm.py
 
 Layout: NLF_SLURM_NODES nodes x NLF_SLURM_TASKS ranks per node (default
-2 x 1: on the namespace cluster the two ranks rendezvous across two "nodes";
-with NLF_SLURM_NODES=1 the default is 1 x 2, `--ntasks-per-node 2`).
+1 x 2, `--ntasks-per-node 2`; with NLF_SLURM_NODES=2 and the namespace
+cluster, 2 x 1: the two ranks rendezvous across two "nodes").
 
 1. The tiny config runs to completion through `--wait`: exit code 0, and the
    job's log shows the balancer at work (MaxVio_batch logged every step and
@@ -40,11 +40,20 @@ from nemo_lossfree.launch import submit as slurm
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = os.environ.get("NLF_SLURM_CONFIG", str(REPO / "configs" / "tiny-cpu.yaml"))
-NODES = os.environ.get("NLF_SLURM_NODES", "2")
+NODES = os.environ.get("NLF_SLURM_NODES", "1")
 TASKS = os.environ.get("NLF_SLURM_TASKS", str(max(1, 2 // int(NODES))))
-# Short runs: the lane must stay within a few minutes on 2 shared cores.
-OVERRIDES = os.environ.get("NLF_SLURM_OVERRIDES",
-                           "train.train_iters=24 checkpoint.save_interval=100").split()
+# Short runs (the lane must stay within a few minutes on 2 cores), tuned so
+# that the balancer's effect shows within them: the learning rate that lets
+# the routers drift out of balance within ~15 steps (3e-3), and the demo's
+# short-horizon bias step (2e-2 decaying as 1/(1 + t/20); the paper's
+# constant 1e-3 needs thousands of steps). No periodic checkpoints: the
+# preempted run's only checkpoint is the one written on USR1.
+OVERRIDES = os.environ.get(
+    "NLF_SLURM_OVERRIDES",
+    "train.train_iters=30 optimizer.lr=0.003 scheduler.lr_warmup_iters=10 checkpoint.save_interval=1000 "
+    "lossfree.update_rate=0.02 lossfree.schedule=inverse_time lossfree.decay_steps=20 "
+    "lossfree.min_update_rate=0.001",
+).split()
 PROGRESS = re.compile(r"@@lossfree-progress (\{.*\})$")
 JOB_TIMEOUT_S = 600
 
@@ -92,8 +101,11 @@ def test_job_completes_and_the_balancer_runs(full_run):
     total = steps[0]["steps"]
     assert [e["step"] for e in steps] == list(range(1, total + 1))
     maxvio = [e["maxvio_batch"] for e in steps]
-    first, last = sum(maxvio[:4]) / 4, sum(maxvio[-4:]) / 4
-    assert last < 0.75 * first, f"MaxVio_batch did not fall: first steps {maxvio[:4]}, last {maxvio[-4:]}"
+    assert all(v >= 0 for v in maxvio)
+    # The routers drift out of balance as they learn; the bias pulls them
+    # back: the last 5 steps' MaxVio is well below its worst 5-step stretch.
+    windows = [sum(maxvio[i:i + 5]) / 5 for i in range(len(maxvio) - 4)]
+    assert windows[-1] < 0.7 * max(windows), f"MaxVio_batch did not fall: {[round(v, 2) for v in maxvio]}"
     result = _results(full_run)
     assert result["finished"] and result["steps_done"] == total
     assert any(any(b != 0.0 for b in layer) for layer in result["final_bias"]), "biases never moved"

@@ -1,9 +1,9 @@
 """``nemo-lossfree slurm``: render an sbatch job from a run config, submit it, wait.
 
     nemo-lossfree slurm --config configs/tiny-cpu.yaml --gpus-per-node 0 --ntasks-per-node 2 --wait
-    nemo-lossfree slurm --config configs/<big>.yaml --nodes 128 --gpus-per-node 8 \\
-        --account ACCT --partition batch --time 04:00:00 \\
-        --container-image nvcr.io/nvidia/nemo:<tag> --container-mounts /lustre:/lustre --dry-run
+    nemo-lossfree slurm --config configs/deepseek-v3-1024gpu.yaml --recipe deepseek_v3_pretrain_config \\
+        --nodes 128 --gpus-per-node 8 --account ACCT --partition batch --time 04:00:00 \\
+        --container-image 'nvcr.io#nvidia/nemo:TAG' --container-mounts /lustre:/lustre --dry-run
 
 Nodes, GPUs per node and tasks per node come from the config's ``cluster:``
 section unless given here. The job directory (``--output-dir``) receives the
@@ -25,6 +25,9 @@ def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser
     p = subparsers.add_parser(name, help=help_text, description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--config", required=True, help="run config (YAML), e.g. configs/tiny-cpu.yaml")
+    p.add_argument("--recipe", default=None,
+                   help="GPU jobs (required there): the Megatron-Bridge recipe the config completes, "
+                        "e.g. deepseek_v3_pretrain_config (passed to nemo_lossfree.bridge.pretrain)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. train.train_iters=20 lossfree.update_rate=1e-3")
     g = p.add_argument_group("layout (default: the config's cluster: section)")
@@ -90,7 +93,13 @@ def build_job(args: argparse.Namespace) -> tuple[SlurmJob, Path]:
     # Validate the layout before building the command (it needs the world size).
     layout = SlurmJob(command=["-c", "pass"], **common)
     if layout.gpus_per_node:
-        command = payload.gpu_pretrain_command(args.config, args.overrides, config)
+        if not args.recipe:
+            raise ValueError(
+                "--recipe: GPU jobs run nemo_lossfree.bridge.pretrain, which needs the Megatron-Bridge "
+                "recipe this config completes (a name in megatron.bridge.recipes, e.g. "
+                "deepseek_v3_pretrain_config, or module:function)"
+            )
+        command = payload.gpu_pretrain_command(args.config, args.overrides, config, recipe=args.recipe)
         python = args.python or "python"
     else:
         checkpoint_dir = (config.get("checkpoint") or {}).get("save") or str(out_dir / "checkpoints")

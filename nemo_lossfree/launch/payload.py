@@ -4,8 +4,11 @@ GPU clusters run the NeMo framework (Megatron-Bridge) entry point,
 ``python -m nemo_lossfree.bridge.pretrain --config-file FILE [overrides]``,
 under torchrun. CPU clusters (``--gpus-per-node 0``) run the demo worker,
 ``python -m nemo_lossfree.demo.worker``, with gloo; the config's ``model:``,
-``train:``, ``optimizer:``, ``checkpoint:`` and ``lossfree:`` fields become
-the worker's flags (``worker_flags``), so the same YAML drives both.
+``train:``, ``optimizer:``, ``scheduler:``, ``rng:``, ``checkpoint:`` and
+``lossfree:`` fields that the worker has become its flags (``worker_flags``),
+so the same YAML drives both. Fields the small CPU model has no use for
+(dense FFN width, vocabulary, dtypes, Bridge's dist/logger sections) are not
+passed on.
 """
 
 from __future__ import annotations
@@ -29,12 +32,18 @@ MODEL_FLAGS = {
 TRAIN_FLAGS = {
     "train_iters": "--steps",
     "micro_batch_size": "--micro-batch-size",
-    "seed": "--seed",
 }
 OPTIMIZER_FLAGS = {
     "lr": "--lr",
     "min_lr": "--min-lr",
+}
+# Megatron-Bridge keeps the LR schedule in `scheduler:` and the seed in `rng:`.
+SCHEDULER_FLAGS = {
     "lr_warmup_iters": "--lr-warmup-steps",
+    "lr_decay_iters": "--lr-decay-steps",
+}
+RNG_FLAGS = {
+    "seed": "--seed",
 }
 # Layouts the CPU demo model does not have: they must be 1 there.
 CPU_UNSUPPORTED_PARALLEL = (
@@ -66,6 +75,8 @@ def worker_flags(config: Mapping[str, Any], *, world_size: int) -> list[str]:
     train = _section(config, "train")
     optimizer = _section(config, "optimizer")
     lossfree = _section(config, "lossfree")
+    scheduler = _section(config, "scheduler")
+    rng = _section(config, "rng")
     for key in CPU_UNSUPPORTED_PARALLEL:
         if model.get(key, 1) != 1:
             raise ValueError(
@@ -73,7 +84,9 @@ def worker_flags(config: Mapping[str, Any], *, world_size: int) -> list[str]:
                 f"with --gpus-per-node 0, got {model[key]!r}"
             )
     flags: list[str] = []
-    for section, table in ((model, MODEL_FLAGS), (train, TRAIN_FLAGS), (optimizer, OPTIMIZER_FLAGS)):
+    tables = ((model, MODEL_FLAGS), (train, TRAIN_FLAGS), (optimizer, OPTIMIZER_FLAGS),
+              (scheduler, SCHEDULER_FLAGS), (rng, RNG_FLAGS))
+    for section, table in tables:
         for key, flag in table.items():
             if section.get(key) is not None:
                 flags += [flag, str(section[key])]
@@ -124,13 +137,16 @@ def cpu_worker_command(config: Mapping[str, Any], *, world_size: int, results_di
 
 
 def gpu_pretrain_command(config_file: str, overrides: list[str],
-                         config: Mapping[str, Any]) -> list[str]:
-    """``-m nemo_lossfree.bridge.pretrain --config-file FILE [overrides]``.
+                         config: Mapping[str, Any], recipe: Optional[str] = None) -> list[str]:
+    """``-m nemo_lossfree.bridge.pretrain [--recipe R] --config-file FILE [overrides]``.
 
     A requeued job must resume: when the config saves checkpoints but names
     no load directory, load from the save directory.
     """
-    command = ["-m", "nemo_lossfree.bridge.pretrain", "--config-file", config_file]
+    command = ["-m", "nemo_lossfree.bridge.pretrain"]
+    if recipe:
+        command += ["--recipe", recipe]
+    command += ["--config-file", config_file]
     checkpoint = _section(config, "checkpoint")
     extra = list(overrides)
     if checkpoint.get("save") and not checkpoint.get("load") \
