@@ -1,0 +1,1 @@
+"""Megatron-Bridge entry points (``python -m nemo_lossfree.bridge.pretrain``)."""

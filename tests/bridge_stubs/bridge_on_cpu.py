@@ -1,0 +1,99 @@
+"""Run Megatron-Bridge 0.6.2's own training loop on the CPU (gloo), for the CI lane.
+
+Megatron-Core runs on the CPU under ``nemo_lossfree.testing.cpu.enable()``.
+Megatron-Bridge's loop additionally assumes CUDA in a few fixed places; this
+module redirects exactly those and nothing else:
+
+- ``initialize_megatron`` asserts ``torch.cuda.is_available()`` unless called
+  with ``allow_no_cuda=True`` (an argument it has, which ``setup`` does not
+  pass): ``setup`` gets a version with ``allow_no_cuda=True``.
+- tensors created with ``device="cuda"`` and ``Tensor.cuda()`` /
+  ``.to("cuda")`` (batch moves in ``gpt_step``/``batch_utils``, loss and flag
+  tensors in ``train``/``train_utils``/``loaders``): a ``TorchFunctionMode``
+  rewrites the device to the CPU.
+- ``torch.cuda.empty_cache`` and the memory statistics used for logging: no-ops
+  returning empty/zero statistics.
+- ``_set_random_seed`` seeds the model-parallel RNG streams only when a GPU
+  is counted: it is told one is, for that call only (the streams live in
+  ``nemo_lossfree.testing.cpu``'s CPU tracker).
+- ``compile_helpers`` (``make`` of Megatron's dataset helpers): skipped, the
+  wheel ships them compiled but without the Makefile (this one fails on GPU
+  machines with a pip-installed megatron-core as well).
+
+The model, optimizer, schedules, ``finalize_model_grads``, data pipeline,
+checkpoint and logging code are Bridge's and Megatron-Core's, unmodified.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_installed = False
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+class CudaToCpu(TorchFunctionMode):
+    """Every ``device='cuda'`` (or ``.cuda()``) in a torch call becomes the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if _is_cuda(a) else a for a in args)
+        return func(*args, **kwargs)
+
+
+def install() -> None:
+    """Call before importing Megatron-Core / Megatron-Bridge (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    from nemo_lossfree.testing import cpu
+
+    cpu.enable()
+    CudaToCpu().__enter__()  # for the whole process
+    torch.cuda.empty_cache = lambda: None
+    torch.cuda.memory_stats = lambda device=None: {}
+    torch.cuda.memory_allocated = lambda device=None: 0
+    torch.cuda.max_memory_allocated = lambda device=None: 0
+    torch.cuda.memory_reserved = lambda device=None: 0
+    torch.cuda.max_memory_reserved = lambda device=None: 0
+    torch.cuda.reset_peak_memory_stats = lambda device=None: None
+
+    from megatron.bridge.training import initialize, setup
+
+    setup.initialize_megatron = functools.partial(initialize.initialize_megatron, allow_no_cuda=True)
+    # _set_random_seed seeds Megatron's model-parallel RNG streams only when
+    # torch.cuda.device_count() > 0; seed them (into the CPU tracker) here too.
+    original_seed = initialize._set_random_seed
+
+    @functools.wraps(original_seed)
+    def _set_random_seed_on_cpu(*args, **kwargs):
+        real_count = torch.cuda.device_count
+        torch.cuda.device_count = lambda: 1
+        try:
+            return original_seed(*args, **kwargs)
+        finally:
+            torch.cuda.device_count = real_count
+
+    initialize._set_random_seed = _set_random_seed_on_cpu
+    # Not CPU-specific: initialize_megatron runs `make` in megatron/core/datasets,
+    # but the megatron-core wheel ships the compiled helpers_cpp and no Makefile,
+    # so the make fails (on GPUs too). Use the shipped module.
+    import megatron.core.datasets.helpers_cpp  # noqa: F401  (fails loudly if absent)
+
+    initialize.compile_helpers = lambda: None
+    _installed = True
