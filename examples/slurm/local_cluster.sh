@@ -35,17 +35,20 @@ log() { echo "local_cluster: $*"; }
 need_root() { [ "$(id -u)" = 0 ] || die "must run as root (it installs packages and starts daemons)"; }
 
 install_packages() {
-  if command -v slurmctld >/dev/null && command -v slurmd >/dev/null \
-     && command -v munged >/dev/null && command -v sbatch >/dev/null; then
-    return
-  fi
-  command -v apt-get >/dev/null || die "slurm-wlm and munge are missing and apt-get is not available"
-  log "installing slurm-wlm and munge (apt-get)"
-  # The packages' postinst scripts try to start services; there is no init
-  # system to start them in a container, and we start our own daemons anyway.
+  local nodes=$1 packages=()
+  command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
+    || packages+=(slurm-wlm)
+  command -v munged >/dev/null || packages+=(munge)
+  # Emulated nodes need ip (iproute2); nsenter/unshare come with util-linux.
+  if [ "$nodes" -gt 1 ] && ! command -v ip >/dev/null; then packages+=(iproute2); fi
+  [ ${#packages[@]} -gt 0 ] || return 0
+  command -v apt-get >/dev/null || die "${packages[*]} missing and apt-get is not available"
+  log "installing ${packages[*]} (apt-get)"
+  # The packages' postinst scripts may try to start services; we start our
+  # own daemons with our own configuration anyway.
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+  apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 }
 
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -221,7 +224,7 @@ cmd_start() {
   if [ -f "$STATE/nodes" ] && pid_alive "$STATE/run/slurmctld.pid"; then
     [ "$(cat "$STATE/nodes")" = "$nodes" ] || die "a $(cat "$STATE/nodes")-node cluster is running; stop it first"
   fi
-  install_packages
+  install_packages "$nodes"
   mkdir -p "$STATE"
   if [ "$nodes" = 1 ]; then
     write_config 1 "$(hostname -s)" 127.0.0.1
