@@ -8,7 +8,7 @@ patches-check: venv
 # A working copy to edit the series in: PATCHES_DIR (default /tmp/megatron-core-lossfree).
 PATCHES_DIR ?= /tmp/megatron-core-lossfree
 patches-checkout: venv
-	PIP="$(PY) -m pip" patches/tools/checkout.sh $(PATCHES_DIR)
+	PYTHON=$(PY) patches/tools/checkout.sh $(PATCHES_DIR)
 
 # Regenerate patches/megatron-core/*.patch from that working copy's branch.
 patches-export:

@@ -15,6 +15,8 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 py="${PY:-$root/.venv/bin/python}"
+# The steps below change directory: make a relative interpreter path absolute.
+case "$py" in /*) ;; */*) py="$PWD/$py" ;; esac
 keep=0
 [ "${1:-}" = "--keep" ] && keep=1
 
@@ -29,7 +31,7 @@ step() { echo "--- patches-check: $* (t=$((SECONDS - start))s)"; }
 export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
 
 step "apply the series to the megatron-core wheel's sources"
-PIP="$py -m pip" "$here/checkout.sh" "$tree"
+PYTHON="$py" "$here/checkout.sh" "$tree"
 git -C "$tree" log --oneline base..HEAD
 
 step "the series' unit tests (CPU)"

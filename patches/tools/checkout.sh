@@ -6,8 +6,8 @@
 #
 #   patches/tools/checkout.sh DIR [--no-am]
 #
-# Environment: MCORE_VERSION (default 0.19.2), PIP (a pip command; default
-# `python3 -m pip`), MCORE_WHEEL (a wheel already on disk: skips the download).
+# Environment: MCORE_VERSION (default 0.19.2), PYTHON (default python3), PIP (a pip
+# command; default `$PYTHON -m pip`), MCORE_WHEEL (a wheel on disk: skips the download).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 series="$here/../megatron-core"
@@ -15,7 +15,8 @@ dir="${1:?usage: checkout.sh DIR [--no-am]}"
 apply=1
 [ "${2:-}" = "--no-am" ] && apply=0
 version="${MCORE_VERSION:-0.19.2}"
-pip="${PIP:-python3 -m pip}"
+python="${PYTHON:-python3}"
+pip="${PIP:-$python -m pip}"
 
 [ -e "$dir" ] && { echo "checkout.sh: $dir exists; remove it or pick another" >&2; exit 2; }
 mkdir -p "$dir"
@@ -30,7 +31,7 @@ if [ -z "$wheel" ]; then
 fi
 
 # Only `megatron/`: the wheel's metadata is not part of the sources.
-python3 - "$wheel" "$dir" <<'PY'
+"$python" - "$wheel" "$dir" <<'PY'
 import sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as wheel:
     members = [m for m in wheel.namelist() if m.startswith("megatron/")]
