@@ -8,6 +8,7 @@ balancer's step drives an inverse-time rate schedule) and ``megatron_bias``
 
 from __future__ import annotations
 
+import pytest
 from test_demo_support import TINY, arm_json, run_workers, send_usr1
 
 from nemo_lossfree.demo.worker import EXIT_STOPPED
@@ -20,6 +21,8 @@ COMMON = [*TINY, "--steps", str(STEPS), "--lr-decay-steps", str(STEPS), "--arm",
           "--lossfree", "update_rate=0.05"]
 
 
+# Four two-rank launches: ~1 minute on 2 idle cores, far more on a loaded machine.
+@pytest.mark.timeout(1500)
 def test_stop_and_resume_equals_uninterrupted(tmp_path):
     reference, resumed, ckpt = tmp_path / "reference", tmp_path / "resumed", tmp_path / "ckpt"
     assert run_workers([*COMMON, "--out", str(reference)])[:2] == (0, 0)
