@@ -45,6 +45,15 @@ def one_rank():
     yield
 
 
+def _provide(provider):
+    """Bridge's provide(), with the process groups its get_model would hand it."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    provider.finalize()
+    setattr(provider, "_pg_collection", ProcessGroupCollection.use_mpu_process_groups())
+    return provider.provide()
+
+
 def _routers(model):
     from megatron.core.transformer.moe.router import TopKRouter
 
@@ -63,8 +72,7 @@ def test_flag_turns_the_recipes_model_into_a_loss_free_model(one_rank):
     callback = enable_lossfree(config, lossfree)
     assert isinstance(config.model.transformer_layer_spec, LossFreeLayerSpec)
     assert callback.settings.update_rate == 2e-3
-    config.model.finalize()
-    model = config.model.provide()  # Bridge's own provide(): spec callable -> GPTModel
+    model = _provide(config.model)  # Bridge's own provide(): spec callable -> GPTModel
     routers = _routers(model)
     assert len(routers) == 2 and all(type(r) is LossFreeRouter for r in routers)
 
@@ -75,8 +83,7 @@ def test_flag_off_leaves_megatrons_router(one_rank):
 
     config, lossfree = _build("lossfree.enabled=false")
     assert enable_lossfree(config, lossfree) is None
-    config.model.finalize()
-    routers = _routers(config.model.provide())
+    routers = _routers(_provide(config.model))
     assert len(routers) == 2 and not any(isinstance(r, LossFreeRouter) for r in routers)
 
 
