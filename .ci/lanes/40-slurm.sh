@@ -15,6 +15,20 @@ nodes=${NLF_SLURM_NODES:-1}
 tasks=${NLF_SLURM_TASKS:-$((2 / nodes > 0 ? 2 / nodes : 1))}
 export NLF_SLURM_NODES=$nodes NLF_SLURM_TASKS=$tasks
 
+# A cluster of its own: its own state directory and free ports, so a
+# developer's cluster on the same machine (or another CI run) is neither
+# reused nor stopped by this lane.
+export NLF_SLURM_STATE=${NLF_SLURM_STATE:-$(mktemp -d /tmp/nemo-lossfree-slurm-ci.XXXXXX)}
+chmod 755 "$NLF_SLURM_STATE"
+read -r NLF_SLURMCTLD_PORT NLF_SLURMD_PORT < <(.venv/bin/python - <<'PY'
+import socket
+socks = [socket.socket() for _ in range(2)]
+for s in socks:
+    s.bind(("", 0))
+print(*(s.getsockname()[1] for s in socks))
+PY
+)
+export NLF_SLURMCTLD_PORT NLF_SLURMD_PORT
 cluster=examples/slurm/local_cluster.sh
 stop_cluster() {
   status=$?
@@ -23,6 +37,7 @@ stop_cluster() {
     tail -n 30 "${NLF_SLURM_STATE:-/tmp/nemo-lossfree-slurm}"/log/*.log || true
   fi
   bash "$cluster" stop || true
+  rm -rf "$NLF_SLURM_STATE"
   exit "$status"
 }
 trap stop_cluster EXIT
