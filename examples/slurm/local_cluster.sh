@@ -242,7 +242,21 @@ cmd_start() {
 
 cmd_stop() {
   need_root
-  # Daemons first (slurmd, then slurmctld, then munged), by our pid files only.
+  # Jobs first: slurmstepd and the job's processes outlive slurmd by design,
+  # so cancel this cluster's jobs while its controller can still do it.
+  if pid_alive "$STATE/run/slurmctld.pid"; then
+    local jobs
+    jobs=$(SLURM_CONF=$CONF squeue -h -o %i 2>/dev/null || true)
+    if [ -n "$jobs" ]; then
+      # shellcheck disable=SC2086  # one word per job id
+      SLURM_CONF=$CONF scancel $jobs 2>/dev/null || true
+      for _ in $(seq 1 30); do
+        [ -z "$(SLURM_CONF=$CONF squeue -h -o %i 2>/dev/null)" ] && break
+        sleep 1
+      done
+    fi
+  fi
+  # Then the daemons (slurmd, then slurmctld, then munged), by our pid files only.
   local f
   for f in "$STATE"/run/slurmd-*.pid "$STATE/run/slurmctld.pid" "$STATE/run/munged.pid"; do
     [ -f "$f" ] || continue
