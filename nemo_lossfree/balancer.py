@@ -149,18 +149,23 @@ class LossFreeBalancer:
         result: dict[str, float] = {}
         for indices in by_experts.values():
             counts_LE = torch.stack([per_router[i] for i in indices])
-            bias_LE = torch.stack([routers[i].expert_bias for i in indices])
-            updated_LE = compute_bias_update(
-                counts_LE,
-                bias_LE,
-                rate=rate,
-                rule=self.config.update_rule,
-                center=self.config.center,
-            )
-            # A layer that saw no token this step has no information: keep it.
-            has_tokens_L1 = counts_LE.sum(dim=-1, keepdim=True) > 0
-            updated_LE = torch.where(has_tokens_L1, updated_LE, bias_LE)
-            torch._foreach_copy_([routers[i].expert_bias for i in indices], list(updated_LE.unbind(0)))
+            # Rate 0 (frozen, or a zero warm-up start) leaves the bias bit-exact:
+            # no re-centering either, which would still move it by rounding.
+            if rate > 0:
+                bias_LE = torch.stack([routers[i].expert_bias for i in indices])
+                updated_LE = compute_bias_update(
+                    counts_LE,
+                    bias_LE,
+                    rate=rate,
+                    rule=self.config.update_rule,
+                    center=self.config.center,
+                )
+                # A layer that saw no token this step has no information: keep it.
+                has_tokens_L1 = counts_LE.sum(dim=-1, keepdim=True) > 0
+                updated_LE = torch.where(has_tokens_L1, updated_LE, bias_LE)
+                torch._foreach_copy_(
+                    [routers[i].expert_bias for i in indices], list(updated_LE.unbind(0))
+                )
             if log_now:
                 vio_L = lf_metrics.max_violation(counts_LE).tolist()
                 maxvio.extend(vio_L)
