@@ -79,3 +79,13 @@ def test_megatron_optimizer_steps_and_clips_on_cpu(single_rank):
     clipped = torch.sqrt(sum((p.main_grad.float() ** 2).sum() for p in ddp.parameters()))
     assert clipped.item() <= 1e-3 * 1.001
     assert any(not torch.equal(b, p) for b, p in zip(before, ddp.parameters()))
+
+
+def test_cuda_allocations_on_cpu_rewrites_devices():
+    from nemo_lossfree.testing.cpu import cuda_allocations_on_cpu
+
+    with cuda_allocations_on_cpu():
+        made = torch.zeros(2, device="cuda")
+        moved = torch.ones(2).cuda()
+        converted = torch.ones(2).to("cuda")
+    assert {t.device.type for t in (made, moved, converted)} == {"cpu"}

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from nemo_lossfree.demo.arms import ARMS
 from nemo_lossfree.demo.corpus import VOCAB_SIZE, Corpus, MicroBatch, TrainData, validation_batches
-from nemo_lossfree.demo.cpu_devices import cuda_allocations_on_cpu
+from nemo_lossfree.testing.cpu import cuda_allocations_on_cpu
 from nemo_lossfree.demo.settings import DemoSettings
 
 MAXVIO_TARGET = 0.2

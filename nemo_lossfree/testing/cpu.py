@@ -20,6 +20,7 @@ import warnings
 from typing import Optional
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 _ENABLED = False
 
@@ -146,6 +147,40 @@ class _TorchOnCpu(types.ModuleType):
 
             return on_cpu
         return value
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+class CudaAllocationsOnCpu(TorchFunctionMode):
+    """Every ``device="cuda"``, ``Tensor.cuda()`` and ``.to("cuda")`` becomes the CPU.
+
+    For code outside the modules ``enable()`` covers (Megatron-Bridge's
+    training loop, dist_checkpointing's loaders); enter it around such calls,
+    or for a whole CPU-only process.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if _is_cuda(a) else a for a in args)
+        return func(*args, **kwargs)
+
+
+def cuda_allocations_on_cpu():
+    """``CudaAllocationsOnCpu`` as a context manager; a no-op where CUDA is available."""
+    if torch.cuda.is_available():
+        return contextlib.nullcontext()
+    return CudaAllocationsOnCpu()
 
 
 def enable(force: bool = False) -> bool:

@@ -29,31 +29,8 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 _installed = False
-
-
-def _is_cuda(device) -> bool:
-    if isinstance(device, torch.device):
-        return device.type == "cuda"
-    if isinstance(device, str):
-        return device.startswith("cuda")
-    return False
-
-
-class CudaToCpu(TorchFunctionMode):
-    """Every ``device='cuda'`` (or ``.cuda()``) in a torch call becomes the CPU."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if _is_cuda(kwargs.get("device")):
-            kwargs["device"] = "cpu"
-        if func is torch.Tensor.to:
-            args = tuple("cpu" if _is_cuda(a) else a for a in args)
-        return func(*args, **kwargs)
 
 
 def install() -> None:
@@ -64,7 +41,7 @@ def install() -> None:
     from nemo_lossfree.testing import cpu
 
     cpu.enable(force=True)  # the lane runs on the CPU even where a GPU is present
-    CudaToCpu().__enter__()  # for the whole process
+    cpu.CudaAllocationsOnCpu().__enter__()  # for the whole process
     torch.cuda.empty_cache = lambda: None
     torch.cuda.memory_stats = lambda device=None: {}
     torch.cuda.memory_allocated = lambda device=None: 0
