@@ -52,7 +52,8 @@ VARIANTS = [
         "softmax",
         True,
         dict(
-            update_rule="proportional", center=False, schedule="linear_warmup",
+            # center=True: a frozen bias must stay bit-exact, not be re-centered.
+            update_rule="proportional", center=True, schedule="linear_warmup",
             warmup_steps=2, freeze_after_steps=4,
         ),
     ),
