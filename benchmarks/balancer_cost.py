@@ -41,6 +41,7 @@ from typing import Any, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from nemo_lossfree.testing.distributed import free_port  # noqa: E402
 import timing  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 
 # DeepSeek-V3: 61 layers, first_k_dense_replace=3, 256 routed experts, top-8, 1 MTP module.
@@ -325,7 +326,7 @@ def profile_steps(steps: int = 200, top: int = 18) -> str:
 
     torch.set_num_threads(1)
     cpu.enable()
-    cpu.init_distributed(0, 1, init_method=f"tcp://127.0.0.1:{timing.free_tcp_port()}")
+    cpu.init_distributed(0, 1, init_method=f"tcp://127.0.0.1:{free_port()}")
     shape = dict(DSV3, tokens_per_rank=16384)
     ours, upstream, upstream_config = build_router_stacks(shape, mixed=False)
     group = ours[0].tp_dp_cp_group
@@ -415,7 +416,7 @@ def run_world(world_size: int, options: dict[str, Any]) -> list[dict[str, Any]]:
 
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "result.json")
-        init_method = f"tcp://127.0.0.1:{timing.free_tcp_port()}"
+        init_method = f"tcp://127.0.0.1:{free_port()}"
         mp.spawn(worker, args=(world_size, init_method, options, out_path), nprocs=world_size, join=True)
         with open(out_path) as handle:
             return json.load(handle)
@@ -480,18 +481,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(json.dumps(row), flush=True)
     result = {
         "benchmark": "balancer_cost",
-        "command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
+        "command": timing.command_line(argv),
         "shape": shape,
         "assumed_step_s": ASSUMED_STEP_S,
         "machine": dict(timing.machine_info(torch.device("cpu")), worker_torch_threads=1),
         "wall_s": time.time() - started,
         "rows": rows,
     }
-    print()
-    print(markdown(rows))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+    timing.publish(result, markdown(rows), args.json)
     return 0
 
 

@@ -26,7 +26,6 @@ times and the median of the paired ratios ours/upstream.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -35,6 +34,7 @@ from typing import Any, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from nemo_lossfree.testing.distributed import free_port  # noqa: E402
 import timing  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 
 FULL_SHAPES = ((8192, 1024, 64, 6), (4096, 1024, 256, 8), (16384, 4096, 256, 8))
@@ -61,7 +61,7 @@ def setup(device: torch.device) -> None:
 
     if device.type == "cpu":
         cpu.enable()
-    cpu.init_distributed(0, 1, init_method=f"tcp://127.0.0.1:{timing.free_tcp_port()}")
+    cpu.init_distributed(0, 1, init_method=f"tcp://127.0.0.1:{free_port()}")
 
 
 def build_routers(hidden: int, experts: int, topk: int, dtype: torch.dtype,
@@ -251,18 +251,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows += measure_shape(shape, scopes=args.scopes, repetitions=repetitions, dtype=dtype, device=device)
     result = {
         "benchmark": "router_overhead",
-        "command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
+        "command": timing.command_line(argv),
         "device": args.device,
         "dtype": args.dtype or ("bf16" if device.type == "cuda" else "fp32"),
         "machine": timing.machine_info(device),
         "wall_s": time.time() - started,
         "rows": rows,
     }
-    print()
-    print(markdown(rows))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+    timing.publish(result, markdown(rows), args.json)
     return 0
 
 

@@ -11,19 +11,11 @@ from __future__ import annotations
 
 import os
 import platform
-import socket
 import statistics
 import time
 from typing import Callable, Mapping, Sequence
 
 import torch
-
-
-def free_tcp_port() -> int:
-    """A port on 127.0.0.1 that is free now (for torch.distributed's tcp:// init)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def synchronize(device: torch.device) -> None:
@@ -110,3 +102,21 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def command_line(argv: Sequence[str] | None) -> str:
+    """The command that produced a result, as it was typed (for the JSON record)."""
+    import sys
+
+    return " ".join([os.path.basename(sys.argv[0])] + list(argv if argv is not None else sys.argv[1:]))
+
+
+def publish(result: Mapping[str, object], table: str, json_path: str | None) -> None:
+    """Print the markdown table and, if asked, write the whole result as JSON."""
+    import json
+
+    print()
+    print(table)
+    if json_path:
+        with open(json_path, "w") as handle:
+            json.dump(result, handle, indent=2)

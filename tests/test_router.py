@@ -153,23 +153,18 @@ def test_no_counts_in_eval_or_under_no_grad(pg_collection):
     assert router.local_tokens_per_expert.sum() == 0
 
 
-def test_non_reentrant_checkpoint_counts_once(pg_collection):
-    router, _ = make_pair(pg_collection)
-    router.train()
-    x = hidden().requires_grad_(True)
-
-    def routed(inp):
-        probs, _ = router(inp)
-        return probs
-
-    out = torch.utils.checkpoint.checkpoint(routed, x, use_reentrant=False)
-    out.sum().backward()
-    assert router.local_tokens_per_expert.sum() == x.shape[0] * x.shape[1] * 4
+def _torch_non_reentrant(fn, x):
+    return torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False)
 
 
-def test_megatron_checkpoint_counts_once(pg_collection):
+def _megatron_reentrant(fn, x):
     from megatron.core import tensor_parallel
 
+    return tensor_parallel.checkpoint(fn, False, x)
+
+
+@pytest.mark.parametrize("checkpoint", [_torch_non_reentrant, _megatron_reentrant])
+def test_activation_checkpoint_counts_once(pg_collection, checkpoint):
     router, _ = make_pair(pg_collection)
     router.train()
     x = hidden().requires_grad_(True)
@@ -178,8 +173,7 @@ def test_megatron_checkpoint_counts_once(pg_collection):
         probs, _ = router(inp)
         return probs
 
-    out = tensor_parallel.checkpoint(routed, False, x)
-    out.sum().backward()
+    checkpoint(routed, x).sum().backward()
     assert router.local_tokens_per_expert.sum() == x.shape[0] * x.shape[1] * 4
 
 
