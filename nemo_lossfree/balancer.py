@@ -21,7 +21,7 @@ import torch.distributed as dist
 from nemo_lossfree import metrics as lf_metrics
 from nemo_lossfree.config import LossFreeConfig
 from nemo_lossfree.router import LossFreeRouter
-from nemo_lossfree.update import compute_bias_update, scheduled_rate
+from nemo_lossfree.update import compute_bias_update, compute_bias_update_with_integral, scheduled_rate
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,11 @@ class LossFreeBalancer:
         self.process_group = process_group if process_group is not None else self._router_group()
         self.steps_done = 0
         self.last_metrics: dict[str, float] = {}
+        # The drift-tracking integral of every router (config.integral_gain), float32
+        # like the bias. It is balancer state, saved by state_dict(), not a model
+        # buffer: checkpoints without it (upstream's, older runs') still load.
+        self.integrals: list[torch.Tensor] = [torch.zeros_like(r.expert_bias) for r in self.routers]
+        self._router_index = {id(r): j for j, r in enumerate(self.routers)}
         for router in self.routers:
             router.balancer_attached = True
 
@@ -152,20 +157,7 @@ class LossFreeBalancer:
             # Rate 0 (frozen, or a zero warm-up start) leaves the bias bit-exact:
             # no re-centering either, which would still move it by rounding.
             if rate > 0:
-                bias_LE = torch.stack([routers[i].expert_bias for i in indices])
-                updated_LE = compute_bias_update(
-                    counts_LE,
-                    bias_LE,
-                    rate=rate,
-                    rule=self.config.update_rule,
-                    center=self.config.center,
-                )
-                # A layer that saw no token this step has no information: keep it.
-                has_tokens_L1 = counts_LE.sum(dim=-1, keepdim=True) > 0
-                updated_LE = torch.where(has_tokens_L1, updated_LE, bias_LE)
-                torch._foreach_copy_(
-                    [routers[i].expert_bias for i in indices], list(updated_LE.unbind(0))
-                )
+                self._update_biases([routers[i] for i in indices], counts_LE, rate)
             if log_now:
                 vio_L = lf_metrics.max_violation(counts_LE).tolist()
                 maxvio.extend(vio_L)
@@ -183,6 +175,33 @@ class LossFreeBalancer:
             self.last_metrics = result
         self.steps_done += 1
         return result
+
+    def _update_biases(self, routers: Sequence[LossFreeRouter], counts_LE: torch.Tensor,
+                       rate: float) -> None:
+        """One update of these routers' biases (same expert count) from their counts."""
+        cfg = self.config
+        bias_LE = torch.stack([r.expert_bias for r in routers])
+        # A layer that saw no token this step has no information: keep it.
+        has_tokens_L1 = counts_LE.sum(dim=-1, keepdim=True) > 0
+        if cfg.integral_gain == 0:
+            updated_LE = compute_bias_update(
+                counts_LE, bias_LE, rate=rate, rule=cfg.update_rule, center=cfg.center
+            )
+        else:
+            slots = [self._router_index[id(r)] for r in routers]
+            for j in slots:
+                # The model may have moved (Megatron-LM builds it on the CPU, then .cuda()).
+                if self.integrals[j].device != bias_LE.device:
+                    self.integrals[j] = self.integrals[j].to(bias_LE.device)
+            integral_LE = torch.stack([self.integrals[j] for j in slots])
+            updated_LE, new_integral_LE = compute_bias_update_with_integral(
+                counts_LE, bias_LE, integral_LE, rate=rate, rule=cfg.update_rule,
+                center=cfg.center, gain=cfg.integral_gain, decay=cfg.integral_decay,
+            )
+            new_integral_LE = torch.where(has_tokens_L1, new_integral_LE, integral_LE)
+            torch._foreach_copy_([self.integrals[j] for j in slots], list(new_integral_LE.unbind(0)))
+        updated_LE = torch.where(has_tokens_L1, updated_LE, bias_LE)
+        torch._foreach_copy_([r.expert_bias for r in routers], list(updated_LE.unbind(0)))
 
     # ---------------------------------------------------------- integration
     def attach(self, transformer_config: Any) -> "LossFreeBalancer":
@@ -215,10 +234,28 @@ class LossFreeBalancer:
     # ----------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
         """What a resume needs beyond the model's ``expert_bias`` buffers."""
-        return {"steps_done": self.steps_done, "config": self.config.to_dict()}
+        state: dict[str, Any] = {"steps_done": self.steps_done, "config": self.config.to_dict()}
+        if self.config.integral_gain > 0:
+            state["integrals"] = [t.detach().cpu().clone() for t in self.integrals]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps_done = int(state["steps_done"])
+        integrals = state.get("integrals")
+        if integrals is not None:
+            shapes = [tuple(t.shape) for t in self.integrals]
+            saved_shapes = [tuple(t.shape) for t in integrals]
+            if saved_shapes != shapes:
+                raise ValueError(
+                    f"state['integrals']: shapes {saved_shapes} do not match this model's routers {shapes}"
+                )
+            for mine, saved in zip(self.integrals, integrals):
+                mine.copy_(saved.to(device=mine.device, dtype=mine.dtype))
+        elif self.config.integral_gain > 0 and self.steps_done > 0:
+            logger.warning(
+                "LossFreeBalancer: the checkpoint has no integral term (saved with "
+                "integral_gain 0 or by an older version); it restarts from zero"
+            )
         saved = state.get("config")
         if saved is not None and saved != self.config.to_dict():
             logger.warning(
@@ -226,3 +263,19 @@ class LossFreeBalancer:
                 "(saved %s, now %s); the schedule continues from step %d",
                 saved, self.config.to_dict(), self.steps_done,
             )
+
+
+def warn_integral_restarts(balancer: LossFreeBalancer) -> None:
+    """Say so when a resumed run (steps_done > 0) starts its drift integral from zero.
+
+    Megatron-LM and Bridge checkpoints hold the biases (model buffers) and the
+    iteration (the schedule's step), not the balancer's ``state_dict()``; the
+    integral rebuilds itself within about ``1 / (1 - integral_decay)`` steps.
+    """
+    if balancer.config.integral_gain > 0 and balancer.steps_done > 0:
+        logger.warning(
+            "LossFreeBalancer: resuming at step %d with integral_gain %g; the drift integral "
+            "is not in this checkpoint and restarts from zero (rebuilt in about %d steps)",
+            balancer.steps_done, balancer.config.integral_gain,
+            round(1 / (1 - balancer.config.integral_decay)),
+        )

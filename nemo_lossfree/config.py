@@ -89,6 +89,19 @@ class LossFreeConfig:
     decay_steps: int = 1000
     #: Floor of the decaying schedules.
     min_update_rate: float = 0.0
+    #: Gain of the drift-tracking integral term; 0 (the default) is the paper's
+    #: update. Each step's bias move becomes ``step + integral`` with
+    #: ``integral = integral_decay * integral + integral_gain * step``: a leaky sum
+    #: of past steps. While training moves the router's scores in one direction,
+    #: a plain step leaves the load off by about drift / rate (a larger rate
+    #: cuts that lag but follows the per-batch count noise more); the integral
+    #: learns the drift from the steps' persistent sign and follows it, while
+    #: noise, whose steps alternate, averages out of it. See docs/demo.md.
+    integral_gain: float = 0.0
+    #: Memory of the integral term, in [0, 1): about 1 / (1 - decay) steps. Slow
+    #: errors are corrected ``1 + integral_gain / (1 - integral_decay)`` times
+    #: faster than by the step alone; per-batch noise only ``1 + integral_gain``.
+    integral_decay: float = 0.97
     #: Stop updating after this many steps (rate 0), as DeepSeek-V3 did for its
     #: last tokens; None never freezes.
     freeze_after_steps: Optional[int] = None
@@ -110,6 +123,11 @@ class LossFreeConfig:
             raise ValueError(
                 "lossfree.min_update_rate: must be <= lossfree.update_rate "
                 f"({self.update_rate!r}), got {self.min_update_rate!r}"
+            )
+        _check_rate("lossfree.integral_gain", self.integral_gain)
+        if not _is_number(self.integral_decay) or not 0 <= self.integral_decay < 1:
+            raise ValueError(
+                f"lossfree.integral_decay: must be a number in [0, 1), got {self.integral_decay!r}"
             )
         _check_steps("lossfree.freeze_after_steps", self.freeze_after_steps, optional=True)
         _check_steps("lossfree.log_every", self.log_every, minimum=1)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from nemo_lossfree import LossFreeBalancer, LossFreeConfig
 from nemo_lossfree.testing.models import gpt_moe_model, moe_transformer_config
-from nemo_lossfree.update import compute_bias_update, scheduled_rate
+from nemo_lossfree.update import compute_bias_update, compute_bias_update_with_integral, scheduled_rate
 
 SEQ, BATCH, VOCAB = 32, 4, 128
 
@@ -81,6 +81,7 @@ def train_and_check(rank: int, parallel: dict, lf: dict, steps: int, mtp: bool) 
     dp_rank = parallel_state.get_data_parallel_rank()
     gen = torch.Generator().manual_seed(100 + dp_rank)
     collectives = []
+    reference_integral = torch.zeros(len(balancer.routers), 8)
     for step in range(steps):
         ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
         pos = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
@@ -93,10 +94,18 @@ def train_and_check(rank: int, parallel: dict, lf: dict, steps: int, mtp: bool) 
         with CollectiveCounter() as counter:
             metrics = balancer.step()
         collectives.append(counter.calls)
-        expected = compute_bias_update(
-            reference_counts, bias_before, rate=scheduled_rate(lf_config, step),
-            rule=lf_config.update_rule, center=lf_config.center,
-        )
+        if lf_config.integral_gain:
+            expected, reference_integral = compute_bias_update_with_integral(
+                reference_counts, bias_before, reference_integral,
+                rate=scheduled_rate(lf_config, step), rule=lf_config.update_rule,
+                center=lf_config.center, gain=lf_config.integral_gain, decay=lf_config.integral_decay,
+            )
+            assert torch.equal(torch.stack(balancer.integrals), reference_integral)
+        else:
+            expected = compute_bias_update(
+                reference_counts, bias_before, rate=scheduled_rate(lf_config, step),
+                rule=lf_config.update_rule, center=lf_config.center,
+            )
         got = torch.stack([r.expert_bias for r in routers])
         assert torch.equal(got, expected), f"step {step}: bias differs from the gathered reference"
         assert all(r.local_tokens_per_expert.sum() == 0 for r in routers)

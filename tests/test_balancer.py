@@ -166,3 +166,54 @@ def test_runs_inside_megatron_schedule_through_finalize_model_grads(single_rank)
     )
     assert balancer.steps_done == 2
     assert all(r.local_tokens_per_expert.sum() == 0 for r in balancer.routers)
+
+
+def test_integral_term_is_state_that_round_trips(pg_collection):
+    counts = torch.tensor([1.0, 2, 3, 5, 7, 11, 13, 17])
+    cfg = LossFreeConfig(update_rate=0.1, update_rule="proportional", integral_gain=0.5, integral_decay=0.9)
+
+    def run(balancer, model, steps):
+        for _ in range(steps):
+            model[0].local_tokens_per_expert.copy_(counts)
+            balancer.step()
+
+    straight_model = routers_with_expert_counts(pg_collection, [8])
+    straight = LossFreeBalancer(straight_model, cfg)
+    run(straight, straight_model, 5)
+
+    model = routers_with_expert_counts(pg_collection, [8])
+    first = LossFreeBalancer(model, cfg)
+    run(first, model, 2)
+    state = first.state_dict()
+    assert state["integrals"][0].abs().sum() > 0
+    resumed = LossFreeBalancer(model, cfg)
+    resumed.load_state_dict(state)
+    run(resumed, model, 3)
+    assert torch.equal(model[0].expert_bias, straight_model[0].expert_bias)
+    assert torch.equal(resumed.integrals[0], straight.integrals[0])
+
+    # Same counts every step: the steps keep their sign, so the integral moves
+    # the bias further than the plain rule does.
+    plain_model = routers_with_expert_counts(pg_collection, [8])
+    plain = LossFreeBalancer(plain_model, LossFreeConfig(update_rate=0.1, update_rule="proportional"))
+    run(plain, plain_model, 5)
+    assert "integrals" not in plain.state_dict()
+    assert (straight_model[0].expert_bias.abs() > plain_model[0].expert_bias.abs()).all()
+
+    wrong = LossFreeBalancer(routers_with_expert_counts(pg_collection, [16]), cfg)
+    with pytest.raises(ValueError, match=r"state\['integrals'\]: shapes \[\(8,\)\] do not match"):
+        wrong.load_state_dict(state)
+
+
+def test_frozen_bias_keeps_its_integral(pg_collection):
+    model = routers_with_expert_counts(pg_collection, [8])
+    cfg = LossFreeConfig(update_rate=0.1, integral_gain=0.5, freeze_after_steps=2)
+    balancer = LossFreeBalancer(model, cfg)
+    for _ in range(4):
+        model[0].local_tokens_per_expert.copy_(torch.tensor([1.0, 2, 3, 5, 7, 11, 13, 17]))
+        balancer.step()
+        if balancer.steps_done == 2:
+            bias, integral = model[0].expert_bias.clone(), balancer.integrals[0].clone()
+    # A decaying integral would still move a frozen bias: nothing moves.
+    assert torch.equal(model[0].expert_bias, bias)
+    assert torch.equal(balancer.integrals[0], integral)

@@ -28,6 +28,9 @@ def test_defaults_follow_the_paper():
         ("log_every", 0, "lossfree.log_every: must be an integer >= 1"),
         ("center", "yes please", "lossfree.center: must be true or false"),
         ("min_update_rate", 1.0, "lossfree.min_update_rate: must be <= lossfree.update_rate"),
+        ("integral_gain", -0.1, "lossfree.integral_gain: must be a finite number >= 0, got -0.1"),
+        ("integral_decay", 1.0, "lossfree.integral_decay: must be a number in [0, 1), got 1.0"),
+        ("integral_decay", -0.5, "lossfree.integral_decay: must be a number in [0, 1), got -0.5"),
     ],
 )
 def test_invalid_values_name_the_field(field, value, message):

@@ -40,7 +40,9 @@ def test_expert_parallel_2_inside_data_parallel_4():
     # (Tensor and context parallelism need Transformer Engine's layers for MoE
     # on the CPU: torch LayerNorm refuses sequence parallelism, which
     # Megatron-Core requires for MoE with TP, and local attention refuses CP.)
-    lf = dict(update_rate=1e-2, update_rule="proportional", center=False, schedule="inverse_time", decay_steps=2)
+    # With the drift integral: it is replicated state too, and must agree everywhere.
+    lf = dict(update_rate=1e-2, update_rule="proportional", center=False, schedule="inverse_time",
+              decay_steps=2, integral_gain=0.5, integral_decay=0.9)
     parallel = dict(expert_model_parallel_size=2)
     results = run_on_ranks(
         dist_workers.train_and_check, 4, parallel, lf, STEPS, False, expert_model_parallel_size=2

@@ -134,11 +134,12 @@ def make_callback(settings: LossFreeConfig):
         def on_train_start(self, context) -> None:
             from megatron.core.utils import get_model_config
 
-            from nemo_lossfree.balancer import LossFreeBalancer
+            from nemo_lossfree.balancer import LossFreeBalancer, warn_integral_restarts
 
             self.balancer = LossFreeBalancer(context.model, self.settings)
             # One balancer step per iteration: a resumed run continues its schedule.
             self.balancer.steps_done = int(context.state.train_state.step)
+            warn_integral_restarts(self.balancer)
             self.balancer.attach(get_model_config(context.model[0]))
             context.user_state["lossfree_balancer"] = self.balancer
             logger.info(

@@ -248,6 +248,9 @@ class MegatronLMLossFree:
         if self.balancer.steps_done == 0 and iteration > 0:
             # Resumed from a Megatron-LM checkpoint: one balancer step per iteration.
             self.balancer.steps_done = int(iteration)
+            from nemo_lossfree.balancer import warn_integral_restarts
+
+            warn_integral_restarts(self.balancer)
 
     def state_dict(self) -> dict:
         return self.balancer.state_dict()

@@ -2,8 +2,8 @@
 
 One simulated step is what ``LossFreeBalancer.step()`` does for one layer
 after one global batch: route the step's tokens with the current bias, count,
-then ``b <- compute_bias_update(counts, b, rate=scheduled_rate(config, t),
-rule, center)`` (the package's own functions, not a copy).
+then ``b <- compute_bias_update_with_integral(counts, b, ..., rate=scheduled_rate(config, t),
+rule, center, integral_gain, integral_decay)`` (the package's own functions, not a copy).
 
 Scores of a trace of ``MaxVio_batch`` values ``v_0 .. v_{T-1}``
 (``nemo_lossfree.metrics.max_violation`` of each step's counts):
@@ -30,7 +30,7 @@ import torch
 from nemo_lossfree.config import LossFreeConfig
 from nemo_lossfree.metrics import max_violation
 from nemo_lossfree.simulator.environment import Environment
-from nemo_lossfree.update import compute_bias_update, scheduled_rate
+from nemo_lossfree.update import compute_bias_update_with_integral, scheduled_rate
 
 
 @dataclass
@@ -83,15 +83,19 @@ def simulate(env: Environment, config: LossFreeConfig, *, name: str = "",
         raise ValueError(f"steps: must be between 1 and {env.steps}, got {steps}")
     trace = Trace(name=name or config.update_rule, config=config)
     bias_E = torch.zeros(env.num_experts, dtype=torch.float32)  # fp32, as the router keeps it
+    integral_E = torch.zeros_like(bias_E)
     started, started_cpu = time.perf_counter(), time.process_time()
     for step in range(steps):
         counts_E = env.counts(step, bias_E)
         rate = scheduled_rate(config, step)
         trace.maxvio.append(float(max_violation(counts_E)))
         trace.rate.append(rate)
-        bias_E = compute_bias_update(
-            counts_E, bias_E, rate=rate, rule=config.update_rule, center=config.center
-        ).float()
+        # The balancer's own update, drift integral included (gain 0: the plain rule).
+        bias_E, integral_E = compute_bias_update_with_integral(
+            counts_E, bias_E, integral_E, rate=rate, rule=config.update_rule,
+            center=config.center, gain=config.integral_gain, decay=config.integral_decay,
+        )
+        bias_E = bias_E.float()
         trace.bias_mean.append(float(bias_E.mean()))
         trace.bias_spread.append(float(bias_E.max() - bias_E.min()))
         trace.tokens += env.tokens_per_step[step]
