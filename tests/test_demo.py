@@ -22,7 +22,7 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     result = subprocess.run(
         [sys.executable, "-m", "nemo_lossfree.cli", "demo", "--out", str(out), "--steps", str(STEPS),
-         "--quiet", *TINY],
+         "--quiet", *TINY, "--dense-layers", "1"],
         capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
@@ -45,6 +45,11 @@ def test_results_json_has_every_arm_and_field(demo_run):
     config = results["config"]
     assert config["steps"] == STEPS and config["experts"] == 4 and config["topk"] == 2
     assert config["arms"] == list(ARMS) and config["expert_model_parallel_size"] == 2
+    # A dense first layer (moe_layer_freq [0, 1, 1]): the MoE layers are Megatron's layers 2 and 3.
+    assert config["dense_layers"] == 1
+    metrics = json.loads((out / "loss_free.json").read_text())["last_step_metrics"]
+    assert {"lossfree/maxvio_batch_layer_2", "lossfree/maxvio_batch_layer_3"} <= set(metrics)
+    assert "lossfree/maxvio_batch_layer_1" not in metrics
 
 
 def test_arms_start_from_the_same_model_and_data(demo_run):
@@ -107,6 +112,8 @@ def test_report_command_prints_the_table(demo_run):
         (["--arms", "loss_free,sinkhorn"], "arms: unknown arm 'sinkhorn'; choose from loss_free"),
         (["--topk", "5", "--experts", "4"], "topk: must be <= experts (4), got 5"),
         (["--lossfree", "update_rule=cubic"], "lossfree.update_rule: must be one of sign, proportional"),
+        (["--dense-layers", "-1"], "dense_layers: must be an integer >= 0, got -1"),
+        (["--lossfree", "integral_decay=1"], "lossfree.integral_decay: must be a number in [0, 1), got 1.0"),
     ],
 )
 def test_bad_options_are_refused_by_name(tmp_path, capsys, argv, message):

@@ -38,6 +38,19 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _jsonable(value: Any) -> Any:
+    """State dicts as JSON: tensors (the balancer's integrals) become nested lists."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    return value
+
+
 class ArmReporter:
     """Progress lines, TensorBoard scalars and the arm's JSON (rank 0 only)."""
 
@@ -83,7 +96,7 @@ class ArmReporter:
             "steps_done": self.trainer.step,
             "final_bias": self.trainer.final_biases(),
             "balancer_state": (
-                self.trainer.balancer.state_dict() if self.trainer.balancer is not None else None
+                _jsonable(self.trainer.balancer.state_dict()) if self.trainer.balancer is not None else None
             ),
             "history": {
                 "loss": [r.loss for r in history],

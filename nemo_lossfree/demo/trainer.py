@@ -69,8 +69,11 @@ class ArmTrainer:
         # Same initial weights for every arm: reseed before building.
         torch.manual_seed(s.seed)
         model_parallel_cuda_manual_seed(s.seed)
+        layout = {}
+        if s.dense_layers:
+            layout["moe_layer_freq"] = [0] * s.dense_layers + [1] * s.num_layers
         self.config = moe_transformer_config(
-            num_layers=s.num_layers,
+            num_layers=s.dense_layers + s.num_layers,
             hidden_size=s.hidden_size,
             num_attention_heads=s.num_attention_heads,
             num_experts=s.experts,
@@ -78,11 +81,12 @@ class ArmTrainer:
             score_function=s.score_function,
             expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
             moe_ffn_hidden_size=s.moe_ffn_hidden_size,
+            **layout,
             **self.arm.config_fields,
         )
         model = gpt_moe_model(
             self.config, vocab_size=VOCAB_SIZE, max_sequence_length=s.seq_length,
-            loss_free=self.arm.loss_free,
+            loss_free=self.arm.loss_free, layer_spec=self._block_spec() if s.dense_layers else None,
         )
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
@@ -134,6 +138,17 @@ class ArmTrainer:
         self.router_group = self.routers[0].tp_dp_cp_group
         self.step = 0
         self.history: list[StepRecord] = []
+
+    def _block_spec(self):
+        """Dense and MoE layers mixed (moe_layer_freq): Megatron-Core's local block spec."""
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+        spec = get_gpt_decoder_block_spec(self.config, use_transformer_engine=False)
+        if self.arm.loss_free:
+            from nemo_lossfree.spec import use_loss_free_router
+
+            spec = use_loss_free_router(spec)
+        return spec
 
     # ------------------------------------------------------------- training
     def _layer_ids(self) -> list[int]:
