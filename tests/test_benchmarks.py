@@ -71,3 +71,24 @@ def test_balancer_cost_quick_two_ranks(tmp_path):
     assert mixed["expert_counts"] == [4, 16]
     assert "upstream" not in mixed["median_ms"] and "stack expects" in mixed["upstream_error"]
     assert "collectives / step" in stdout
+
+
+def test_demo_bias_headroom_tiny(tmp_path):
+    from test_demo_support import TINY
+
+    from nemo_lossfree.testing.distributed import free_port
+
+    out = tmp_path / "headroom"
+    stdout = run_script("demo_bias_headroom.py", "--out", str(out), "--port", str(free_port()),
+                        "--steps", "3", *TINY, timeout=900)
+    report = json.loads((out / "headroom.json").read_text())
+    demo = json.loads((out / "loss_free.json").read_text())
+    assert [row["layer"] for row in report["layers"]] == [1, 2]
+    for row, demo_value in zip(report["layers"], demo["maxvio_global_per_layer"]):
+        # The recorded scores plus the trained bias give back the demo's own counts.
+        assert row["trained"] == pytest.approx(demo_value, abs=1e-9)
+        assert 0 <= row["best_on_val"] <= row["trained"]
+        assert row["train_fit_on_val"] >= 0 and row["batch_noise"] >= 0
+        assert 0 <= row["hot_expert_space_share"] <= 1
+    assert 0 < report["space_share_of_val_tokens"] < 1
+    assert "| mean |" in stdout

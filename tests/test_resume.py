@@ -18,7 +18,9 @@ ARMS = "loss_free,megatron_bias"
 # The schedule must not depend on how long one invocation runs.
 COMMON = [*TINY, "--steps", str(STEPS), "--lr-decay-steps", str(STEPS), "--arm", ARMS,
           "--lossfree", "schedule=inverse_time", "--lossfree", "decay_steps=3",
-          "--lossfree", "update_rate=0.05"]
+          "--lossfree", "update_rate=0.05",
+          # The drift integral is balancer state: the checkpoint must carry it too.
+          "--lossfree", "integral_gain=0.2"]
 
 
 # Four two-rank launches: ~1 minute on 2 idle cores, far more on a loaded machine.
