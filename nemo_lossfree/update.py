@@ -3,7 +3,8 @@
 Han & Zhong (2025, arXiv 2512.03915) read the expert bias as the dual variable
 of the constraint "every expert receives the mean load"; one update is one dual
 subgradient step. ``compute_bias_update`` is that step, ``scheduled_rate`` its
-step size over time.
+step size over time, and ``compute_bias_update_with_integral`` adds a leaky
+integral of past steps that follows a router whose scores drift.
 """
 
 from __future__ import annotations
