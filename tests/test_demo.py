@@ -122,3 +122,25 @@ def test_bad_options_are_refused_by_name(tmp_path, capsys, argv, message):
 
     assert main(["demo", "--out", str(tmp_path), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_launcher_retries_when_its_port_is_taken(tmp_path, monkeypatch, capsys):
+    # Another process holds the first port the launcher draws (two demos
+    # started at once can draw the same one): rank 0 cannot listen, and the
+    # launcher must start over on a fresh port instead of failing or hanging.
+    import socket
+
+    from nemo_lossfree.demo import launcher
+    from nemo_lossfree.testing.distributed import free_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = iter([taken.getsockname()[1], free_port()])
+        monkeypatch.setattr(launcher, "free_port", lambda: next(ports))
+        monkeypatch.setattr(launcher, "FAILED_PEER_GRACE_S", 2)  # rank 1 waits on the taken port
+        code = launcher.launch(["--arm", "loss_free", "--steps", "1", "--out", str(tmp_path), *TINY],
+                               tmp_path, quiet=True)
+    assert code == 0
+    assert "was taken before rank 0 could listen; retrying" in capsys.readouterr().err
+    assert json.loads((tmp_path / "loss_free.json").read_text())["finished"]
