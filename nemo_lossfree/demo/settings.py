@@ -70,12 +70,11 @@ class DemoSettings:
         positive = ("steps", "experts", "topk", "num_layers", "hidden_size", "num_attention_heads",
                     "moe_ffn_hidden_size", "seq_length", "micro_batch_size", "num_micro_batches",
                     "val_windows", "corpus_max_bytes")
-        for name in positive:
+        minimums = {**{name: 1 for name in positive}, "dense_layers": 0}
+        for name, minimum in minimums.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: must be an integer >= 1, got {value!r}")
-        if isinstance(self.dense_layers, bool) or not isinstance(self.dense_layers, int) or self.dense_layers < 0:
-            raise ValueError(f"dense_layers: must be an integer >= 0, got {self.dense_layers!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
         if self.topk > self.experts:
             raise ValueError(f"topk: must be <= experts ({self.experts}), got {self.topk}")
         if self.experts % 2:
@@ -167,7 +166,8 @@ def settings_to_argv(settings: DemoSettings) -> list[str]:
     """The flags that rebuild ``settings`` (for spawning workers)."""
     flags = {
         "steps": "--steps", "seed": "--seed", "experts": "--experts", "topk": "--topk",
-        "num_layers": "--layers", "dense_layers": "--dense-layers", "hidden_size": "--hidden-size", "num_attention_heads": "--heads",
+        "num_layers": "--layers", "dense_layers": "--dense-layers", "hidden_size": "--hidden-size",
+        "num_attention_heads": "--heads",
         "moe_ffn_hidden_size": "--moe-ffn-hidden-size", "score_function": "--score-function",
         "seq_length": "--seq-length", "micro_batch_size": "--micro-batch-size",
         "num_micro_batches": "--num-micro-batches", "lr": "--lr", "min_lr": "--min-lr",
