@@ -112,7 +112,9 @@ def _worker_main(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------- analysis
 def _maxvio(counts) -> float:
-    return float(counts.max() / counts.mean() - 1)
+    from nemo_lossfree.metrics import max_violation  # the demo's own metric
+
+    return float(max_violation(counts))
 
 
 def _counts(scores, bias, topk):
@@ -130,6 +132,8 @@ def fit_bias(scores, topk: int, candidates=(), iterations: int = 400):
     """
     import torch
 
+    from nemo_lossfree.update import compute_bias_update
+
     best = (float("inf"), None)
     for candidate in candidates:
         vio = _maxvio(_counts(scores, candidate, topk))
@@ -141,7 +145,8 @@ def fit_bias(scores, topk: int, candidates=(), iterations: int = 400):
         vio = _maxvio(counts)
         if vio < best[0]:
             best = (vio, bias.clone())
-        bias = bias + 3e-2 / (1 + t / 50) * (counts.mean() - counts) / counts.mean()
+        # The balancer's own proportional step (no centering: it changes no top-K).
+        bias = compute_bias_update(counts, bias, rate=3e-2 / (1 + t / 50), rule="proportional")
     return best
 
 
