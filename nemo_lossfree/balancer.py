@@ -89,8 +89,10 @@ class LossFreeBalancer:
         # buffer: checkpoints without it (upstream's, older runs') still load.
         self.integrals: list[torch.Tensor] = [torch.zeros_like(r.expert_bias) for r in self.routers]
         self._router_index = {id(r): j for j, r in enumerate(self.routers)}
+        self.uses_margins = self.config.update_rule == "quantile"
         for router in self.routers:
             router.balancer_attached = True
+            router.record_margins = self.uses_margins
 
     def _router_group(self) -> Optional[dist.ProcessGroup]:
         groups = {id(r.tp_dp_cp_group): r.tp_dp_cp_group for r in self.routers}
@@ -114,9 +116,14 @@ class LossFreeBalancer:
         """Sum the routers' counts over the replica group: one collective, float64.
 
         float64 keeps counts exact past 2**24 tokens per expert (a large
-        global batch summed over many ranks), where float32 would round.
+        global batch summed over many ranks), where float32 would round. With
+        the quantile rule the margin histograms travel in the same collective,
+        after all counts.
         """
-        flat = torch.cat([r.local_tokens_per_expert for r in routers]).double()
+        parts = [r.local_tokens_per_expert for r in routers]
+        if self.uses_margins:
+            parts += [r.local_margin_histogram.reshape(-1) for r in routers]
+        flat = torch.cat(parts).double()
         if dist.is_available() and dist.is_initialized():
             if self.process_group is None or dist.get_world_size(self.process_group) > 1:
                 dist.all_reduce(flat, group=self.process_group)
@@ -144,7 +151,12 @@ class LossFreeBalancer:
         # Split back per router, then group layers with the same expert count
         # so each group is one [L, E] update (models may mix expert counts).
         sizes = [r.local_tokens_per_expert.numel() for r in routers]
-        per_router = list(torch.split(flat, sizes))
+        hist_sizes = [r.local_margin_histogram.numel() for r in routers] if self.uses_margins else []
+        pieces = list(torch.split(flat, sizes + hist_sizes))
+        per_router = pieces[: len(sizes)]
+        per_router_hist = [
+            h.view(routers[i].local_margin_histogram.shape) for i, h in enumerate(pieces[len(sizes):])
+        ]
         by_experts: "OrderedDict[int, list[int]]" = OrderedDict()
         for index, size in enumerate(sizes):
             by_experts.setdefault(size, []).append(index)
@@ -154,10 +166,9 @@ class LossFreeBalancer:
         result: dict[str, float] = {}
         for indices in by_experts.values():
             counts_LE = torch.stack([per_router[i] for i in indices])
-            # Rate 0 (frozen, or a zero warm-up start) leaves the bias bit-exact:
-            # no re-centering either, which would still move it by rounding.
+            hist_LE2B = torch.stack([per_router_hist[i] for i in indices]) if self.uses_margins else None
             if rate > 0:
-                self._update_biases([routers[i] for i in indices], counts_LE, rate)
+                self._update_biases([routers[i] for i in indices], counts_LE, rate, hist_LE2B)
             if log_now:
                 vio_L = lf_metrics.max_violation(counts_LE).tolist()
                 maxvio.extend(vio_L)
@@ -165,6 +176,8 @@ class LossFreeBalancer:
                 for i, value in zip(indices, vio_L):
                     result[f"lossfree/maxvio_batch_layer_{layer_id(routers[i], i)}"] = value
         torch._foreach_zero_([r.local_tokens_per_expert for r in routers])
+        if self.uses_margins:
+            torch._foreach_zero_([r.local_margin_histogram for r in routers])
         for router in routers:
             router.forwards_since_update = 0
         if log_now:
@@ -177,16 +190,13 @@ class LossFreeBalancer:
         return result
 
     def _update_biases(self, routers: Sequence[LossFreeRouter], counts_LE: torch.Tensor,
-                       rate: float) -> None:
+                       rate: float, hist_LE2B: Optional[torch.Tensor] = None) -> None:
         """One update of these routers' biases (same expert count) from their counts."""
         cfg = self.config
         bias_LE = torch.stack([r.expert_bias for r in routers])
-        # A layer that saw no token this step has no information: keep it.
-        has_tokens_L1 = counts_LE.sum(dim=-1, keepdim=True) > 0
+        rule = dict(rate=rate, rule=cfg.update_rule, center=cfg.center, histogram=hist_LE2B)
         if cfg.integral_gain == 0:
-            updated_LE = compute_bias_update(
-                counts_LE, bias_LE, rate=rate, rule=cfg.update_rule, center=cfg.center
-            )
+            updated_LE = compute_bias_update(counts_LE, bias_LE, **rule)
         else:
             slots = [self._router_index[id(r)] for r in routers]
             for j in slots:
@@ -195,12 +205,10 @@ class LossFreeBalancer:
                     self.integrals[j] = self.integrals[j].to(bias_LE.device)
             integral_LE = torch.stack([self.integrals[j] for j in slots])
             updated_LE, new_integral_LE = compute_bias_update_with_integral(
-                counts_LE, bias_LE, integral_LE, rate=rate, rule=cfg.update_rule,
-                center=cfg.center, gain=cfg.integral_gain, decay=cfg.integral_decay,
+                counts_LE, bias_LE, integral_LE, gain=cfg.integral_gain, decay=cfg.integral_decay,
+                **rule,
             )
-            new_integral_LE = torch.where(has_tokens_L1, new_integral_LE, integral_LE)
             torch._foreach_copy_([self.integrals[j] for j in slots], list(new_integral_LE.unbind(0)))
-        updated_LE = torch.where(has_tokens_L1, updated_LE, bias_LE)
         torch._foreach_copy_([r.expert_bias for r in routers], list(updated_LE.unbind(0)))
 
     # ---------------------------------------------------------- integration

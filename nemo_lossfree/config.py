@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-UPDATE_RULES = ("sign", "proportional")
+UPDATE_RULES = ("sign", "proportional", "quantile")
 SCHEDULES = ("constant", "inverse_time", "cosine", "linear_warmup")
 
 
@@ -76,7 +76,9 @@ class LossFreeConfig:
     #: Step size u of the bias update (the paper's 1e-3 for sigmoid scores).
     update_rate: float = 1e-3
     #: "sign": b += u * sign(mean - c) (the paper, Megatron-Core);
-    #: "proportional": b += u * (mean - c) / mean (a relative-error step).
+    #: "proportional": b += u * (mean - c) / mean (a relative-error step);
+    #: "quantile": b += u * d, d the move that balances this global batch
+    #: (quantile balancing; u in (0, 1], upstream's EMA e is u = 1 - e).
     update_rule: str = "sign"
     #: Re-center every layer's bias to mean zero after each update. Top-K on
     #: s + b is invariant to a common shift, so no routing decision changes.
@@ -113,6 +115,11 @@ class LossFreeConfig:
             raise ValueError(f"lossfree.enabled: must be true or false, got {self.enabled!r}")
         _check_rate("lossfree.update_rate", self.update_rate)
         _check_choice("lossfree.update_rule", self.update_rule, UPDATE_RULES)
+        if self.update_rule == "quantile" and self.update_rate > 1:
+            raise ValueError(
+                "lossfree.update_rate: must be in [0, 1] with update_rule quantile (the fraction "
+                f"of the quantile step taken), got {self.update_rate!r}"
+            )
         if not isinstance(self.center, bool):
             raise ValueError(f"lossfree.center: must be true or false, got {self.center!r}")
         _check_choice("lossfree.schedule", self.schedule, SCHEDULES)

@@ -36,8 +36,10 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
+from nemo_lossfree.update import MARGIN_BINS, margin_histogram, selection_margins
+
 # Buffers that must stay float32 whatever dtype the model is cast to.
-_FP32_BUFFERS = ("expert_bias", "local_tokens_per_expert")
+_FP32_BUFFERS = ("expert_bias", "local_tokens_per_expert", "local_margin_histogram")
 _UNSUPPORTED_BALANCING = ("sinkhorn", "quantile_balancing")
 # Training micro-batches without a balancer step before the router warns. Far
 # above the micro-batches of one global batch in practice.
@@ -56,15 +58,16 @@ class _CommitCountsOnBackward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, probs, counts_E, router):  # noqa: D401 - autograd signature
+    def forward(ctx, probs, counts_E, histogram_E2B, router):  # noqa: D401 - autograd signature
         ctx.counts_E = counts_E
+        ctx.histogram_E2B = histogram_E2B
         ctx.router = router
         return probs.view_as(probs)
 
     @staticmethod
     def backward(ctx, grad_probs):
-        ctx.router.local_tokens_per_expert.add_(ctx.counts_E)
-        return grad_probs, None, None
+        ctx.router.commit(ctx.counts_E, ctx.histogram_E2B)
+        return grad_probs, None, None, None
 
 
 class LossFreeRouter(TopKRouter):
@@ -105,6 +108,14 @@ class LossFreeRouter(TopKRouter):
         self.register_buffer(
             "local_tokens_per_expert",
             torch.zeros(experts, dtype=torch.float32, device=device),
+            persistent=False,
+        )
+        # The quantile rule's margin histogram, summed like the counts; the
+        # balancer turns it on (record_margins) when its rule needs it.
+        self.record_margins = False
+        self.register_buffer(
+            "local_margin_histogram",
+            torch.zeros(experts, 2, MARGIN_BINS, dtype=torch.float32, device=device),
             persistent=False,
         )
         # Training micro-batches counted since the last balancer step; a loud
@@ -179,28 +190,29 @@ class LossFreeRouter(TopKRouter):
     def biased_topk(self, logits_TE: torch.Tensor):
         """Top-K on biased scores; gates from unbiased scores.
 
-        Returns ``(probs_TE, routing_map_TE, top_indices_TK)``; ``top_indices_TK``
-        is None on the fused (Transformer Engine) path.
+        Returns ``(probs_TE, routing_map_TE, top_indices_TK, biased_TE)``;
+        ``top_indices_TK`` and ``biased_TE`` are None on the fused (Transformer
+        Engine) path. The gates are upstream's own
+        (``topk_routing_with_score_function(..., precomputed_indices=)``), so
+        every score function, pre-softmax and scaling option gates exactly as
+        in ``TopKRouter``.
         """
         cfg = self.config
+        gating = dict(
+            use_pre_softmax=cfg.moe_router_pre_softmax,
+            num_groups=cfg.moe_router_num_groups,
+            group_topk=cfg.moe_router_group_topk,
+            scaling_factor=cfg.moe_router_topk_scaling_factor,
+            score_function=self.score_function,
+        )
         if cfg.moe_router_fusion and self.score_function != "softmax":
             # TE's fused kernel applies expert_bias for sigmoid/sqrtsoftplus itself.
             probs, routing_map = topk_routing_with_score_function(
-                logits_TE,
-                self.topk,
-                use_pre_softmax=cfg.moe_router_pre_softmax,
-                num_groups=cfg.moe_router_num_groups,
-                group_topk=cfg.moe_router_group_topk,
-                scaling_factor=cfg.moe_router_topk_scaling_factor,
-                score_function=self.score_function,
-                expert_bias=self.expert_bias,
-                fused=True,
+                logits_TE, self.topk, expert_bias=self.expert_bias, fused=True, **gating
             )
-            return probs, routing_map, None
+            return probs, routing_map, None, None
 
-        num_tokens, num_experts = logits_TE.shape
-        scores_TE = self._scores(logits_TE)
-        biased_TE = scores_TE + self.expert_bias
+        biased_TE = self._scores(logits_TE) + self.expert_bias
         groups = (cfg.moe_router_num_groups, cfg.moe_router_group_topk)
         if self.router_replay is None:
             _, top_indices_TK = self._topk(biased_TE, self.topk, *groups)
@@ -208,36 +220,38 @@ class LossFreeRouter(TopKRouter):
             _, top_indices_TK = self.router_replay.get_replay_topk(
                 biased_TE, self.topk, *groups, self._topk
             )
+        probs_TE, routing_map_TE = topk_routing_with_score_function(
+            logits_TE, self.topk, precomputed_indices=top_indices_TK, **gating
+        )
+        return probs_TE, routing_map_TE, top_indices_TK, biased_TE
 
-        if self.score_function == "softmax" and not cfg.moe_router_pre_softmax:
-            # Post-softmax routing: the gate is a softmax over the chosen logits.
-            gates_TK = torch.softmax(
-                torch.gather(logits_TE, 1, top_indices_TK), dim=-1, dtype=torch.float32
-            )
-        else:
-            gates_TK = torch.gather(scores_TE, 1, top_indices_TK)
-            if self.score_function != "softmax" and self.topk > 1:
-                gates_TK = gates_TK / (gates_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        if cfg.moe_router_topk_scaling_factor:
-            gates_TK = gates_TK * cfg.moe_router_topk_scaling_factor
-        gates_TK = gates_TK.type_as(logits_TE)
+    def _allowed_experts(self, biased_TE: torch.Tensor) -> Optional[torch.Tensor]:
+        """``[T, E]`` experts of the groups each token's group-limited routing kept (else None).
 
-        if torch.are_deterministic_algorithms_enabled():
-            rows = torch.arange(num_tokens, device=logits_TE.device).unsqueeze(1)
-            probs_TE = torch.zeros_like(logits_TE)
-            probs_TE.index_put_((rows, top_indices_TK), gates_TK, accumulate=False)
-            routing_map_TE = torch.zeros_like(logits_TE, dtype=torch.bool)
-            routing_map_TE.index_put_(
-                (rows, top_indices_TK),
-                torch.ones_like(top_indices_TK, dtype=torch.bool),
-                accumulate=False,
-            )
-        else:
-            probs_TE = torch.zeros_like(logits_TE).scatter(1, top_indices_TK, gates_TK)
-            routing_map_TE = torch.zeros_like(logits_TE, dtype=torch.bool).scatter(
-                1, top_indices_TK, True
-            )
-        return probs_TE, routing_map_TE, top_indices_TK
+        Megatron scores a group by the sum of its top ``topk / group_topk``
+        biased scores and keeps the best ``group_topk`` groups.
+        """
+        cfg = self.config
+        if not cfg.moe_router_group_topk:
+            return None
+        num_tokens, num_experts = biased_TE.shape
+        groups = cfg.moe_router_num_groups
+        per_group = self.topk // cfg.moe_router_group_topk
+        group_scores_TG = biased_TE.view(num_tokens, groups, -1).topk(per_group, dim=-1)[0].sum(-1)
+        kept_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool)
+        kept_TG.scatter_(1, torch.topk(group_scores_TG, cfg.moe_router_group_topk, dim=-1)[1], True)
+        return kept_TG.repeat_interleave(num_experts // groups, dim=1)
+
+    def margin_histogram(self, logits_TE, biased_TE, routing_map_TE, padding_mask_T) -> torch.Tensor:
+        """This micro-batch's ``[E, 2, B]`` margin histogram (the quantile rule's input)."""
+        if biased_TE is None:  # fused path: the same scores, computed here
+            biased_TE = self._scores(logits_TE) + self.expert_bias
+        biased_TE = biased_TE.detach()
+        margins_TE = selection_margins(
+            biased_TE, routing_map_TE, self.topk, self._allowed_experts(biased_TE)
+        )
+        weight_T = None if padding_mask_T is None else (~padding_mask_T).float()
+        return margin_histogram(margins_TE, weight_T)
 
     def count_tokens(
         self,
@@ -262,6 +276,12 @@ class LossFreeRouter(TopKRouter):
             weight_TK = (~padding_mask_T).unsqueeze(-1).expand_as(top_indices_TK).float()
         counts_E = torch.zeros(num_experts, dtype=torch.float32, device=top_indices_TK.device)
         return counts_E.scatter_add_(0, top_indices_TK.reshape(-1), weight_TK.reshape(-1))
+
+    def commit(self, counts_E: torch.Tensor, histogram_E2B: Optional[torch.Tensor]) -> None:
+        """Add one trained micro-batch's counts (and margin histogram) to the step's totals."""
+        self.local_tokens_per_expert.add_(counts_E)
+        if histogram_E2B is not None:
+            self.local_margin_histogram.add_(histogram_E2B)
 
     def _note_training_forward(self) -> None:
         self.forwards_since_update += 1
@@ -293,15 +313,18 @@ class LossFreeRouter(TopKRouter):
         self._follow_device(logits.device)
 
         logits = self.apply_z_loss(logits, padding_mask=padding_mask)
-        probs, routing_map, top_indices = self.biased_topk(logits)
+        probs, routing_map, top_indices, biased = self.biased_topk(logits)
 
         if self.training and torch.is_grad_enabled():
             self._note_training_forward()
             counts_E = self.count_tokens(routing_map, top_indices, padding_mask)
+            histogram = None
+            if self.record_margins:
+                histogram = self.margin_histogram(logits, biased, routing_map, padding_mask)
             if probs.requires_grad:
-                probs = _CommitCountsOnBackward.apply(probs, counts_E, self)
+                probs = _CommitCountsOnBackward.apply(probs, counts_E, histogram, self)
             else:  # frozen router: no backward will come; count now
-                self.local_tokens_per_expert.add_(counts_E)
+                self.commit(counts_E, histogram)
 
         if self.config.moe_expert_capacity_factor is not None:
             probs, routing_map = apply_router_token_dropping(

@@ -5,23 +5,152 @@ of the constraint "every expert receives the mean load"; one update is one dual
 subgradient step. ``compute_bias_update`` is that step, ``scheduled_rate`` its
 step size over time, and ``compute_bias_update_with_integral`` adds a leaky
 integral of past steps that follows a router whose scores drift.
+
+The "quantile" rule is the dual coordinate step of quantile balancing
+(Megatron-Core 0.19's ``qb_dual_update``): each expert's bias moves to where,
+with the others fixed, it would have received exactly the mean load on this
+batch. It needs more than counts: where each token's biased score lies
+relative to the token's top-K threshold. Routers record that as a histogram
+of margins (``margin_histogram``, a fixed set of bins shared by every rank),
+so the balancer sums it over all ranks and micro-batches with the counts in
+its one all-reduce and takes the quantile of the *global* batch
+(``quantile_step``); upstream averages per-micro-batch, per-rank quantiles.
+
+Shape suffixes: T tokens, E experts, K top-k, L layers, B margin bins.
+
+Two rules hold for every rule here: a layer that saw no token keeps its bias,
+and a rate of 0 returns the bias bit for bit (no re-centering either, which
+would move it by rounding).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
-from nemo_lossfree.config import LossFreeConfig
+from nemo_lossfree.config import UPDATE_RULES, LossFreeConfig
 
 
-def rule_step(counts: torch.Tensor, *, rate: float, rule: str = "sign") -> torch.Tensor:
+# ---------------------------------------------------------------- margins
+# Bin edges of the margin histogram, in score units: 0 and +-SMALLEST * 2**j for
+# j < OCTAVES (1e-5 .. 5.2). Geometric bins are fine where the quantile lands
+# once the load is near balance (small margins) and coarse far from it, where a
+# step only needs the right direction and size to within a factor of two.
+MARGIN_BIN_SMALLEST = 1e-5
+MARGIN_BIN_OCTAVES = 20
+_POSITIVE_EDGES = [MARGIN_BIN_SMALLEST * 2.0**j for j in range(MARGIN_BIN_OCTAVES)]
+MARGIN_EDGES = tuple([-e for e in reversed(_POSITIVE_EDGES)] + [0.0] + _POSITIVE_EDGES)
+#: Bins per expert: between consecutive edges, plus the two tails.
+MARGIN_BINS = len(MARGIN_EDGES) + 1
+# Margins are clamped here before they are summed (the tails' means stay finite).
+_MARGIN_CLAMP = 2 * _POSITIVE_EDGES[-1]
+
+
+def margin_edges(device=None) -> torch.Tensor:
+    return torch.tensor(MARGIN_EDGES, dtype=torch.float32, device=device)
+
+
+def selection_margins(biased_TE: torch.Tensor, selected_TE: torch.Tensor, topk: int,
+                      allowed_TE: Optional[torch.Tensor] = None, *,
+                      upstream_cutoff: bool = False) -> torch.Tensor:
+    """How far each biased score is from changing the token's choice of that expert, ``[T, E]``.
+
+    Expert i keeps or gains token t when its bias rises by more than the
+    margin, the others fixed (one coordinate of the dual):
+    - a selected expert keeps t while it beats the token's (K+1)-th biased
+      score: margin ``s_(K+1) - (s + b)``, negative;
+    - an unselected one gains t when it beats the K-th, which then drops out:
+      margin ``s_(K) - (s + b)``, >= 0.
+    ``qb_dual_update`` measures every expert against the (K+1)-th; that
+    underestimates an unselected expert's margin by the K-th/(K+1)-th gap, so
+    a balancing step overshoots for the experts that gain tokens
+    (``upstream_cutoff=True`` reproduces it, for the equivalence test;
+    benchmarks/quantile_margins.py measures both). ``allowed_TE``
+    (group-limited routing) leaves the losing groups out of the cutoffs.
+    Selected margins are forced below 0 and the others' to >= 0, so the
+    histogram's mass below 0 is exactly the expert's count whatever the
+    routing (group-limited or replayed) chose.
+    """
+    biased_TE = biased_TE.float()
+    pool_TE = biased_TE if allowed_TE is None else biased_TE.masked_fill(~allowed_TE, float("-inf"))
+    k = min(topk + 1, biased_TE.shape[-1])
+    values_TK = torch.topk(pool_TE, k, dim=-1).values
+    if allowed_TE is not None:  # fewer than K+1 allowed experts: the plain cutoffs
+        plain_TK = torch.topk(biased_TE, k, dim=-1).values
+        values_TK = torch.where(torch.isfinite(values_TK), values_TK, plain_TK)
+    keep_T1 = values_TK[:, -1:]
+    gain_T1 = keep_T1 if upstream_cutoff else values_TK[:, topk - 1 : topk]
+    below = torch.clamp(keep_T1 - biased_TE, max=-MARGIN_BIN_SMALLEST / 2)
+    return torch.where(selected_TE, below, (gain_T1 - biased_TE).clamp(min=0.0))
+
+
+def margin_histogram(margins_TE: torch.Tensor, weight_T: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[E, 2, B]`` float32: per expert and bin, the tokens and the sum of their margins.
+
+    ``weight_T`` is 0 for tokens that must not count (padding). Summed over
+    micro-batches and ranks, it is the histogram of the global batch.
+    """
+    num_tokens, num_experts = margins_TE.shape
+    device = margins_TE.device
+    margins_TE = margins_TE.float().clamp(-_MARGIN_CLAMP, _MARGIN_CLAMP)
+    bins_TE = torch.bucketize(margins_TE, margin_edges(device), right=True)
+    slots_TE = bins_TE + MARGIN_BINS * torch.arange(num_experts, device=device)
+    if weight_T is None:
+        weight_TE = torch.ones_like(margins_TE)
+    else:
+        weight_TE = weight_T.float().unsqueeze(-1).expand_as(margins_TE)
+    hist = torch.zeros(2, num_experts * MARGIN_BINS, dtype=torch.float32, device=device)
+    hist[0].scatter_add_(0, slots_TE.reshape(-1), weight_TE.reshape(-1))
+    hist[1].scatter_add_(0, slots_TE.reshape(-1), (weight_TE * margins_TE).reshape(-1))
+    return hist.view(2, num_experts, MARGIN_BINS).transpose(0, 1).contiguous()
+
+
+def quantile_step(histogram: torch.Tensor) -> torch.Tensor:
+    """The move ``d[i]`` after which expert i would get the mean load, ``[..., E]`` float64.
+
+    ``histogram`` is ``[..., E, 2, B]`` (``margin_histogram`` summed over the
+    global batch). An expert gains token t when ``d > margin[t]``, so ``d`` is
+    the (C+1)-th smallest margin, C = mean load (any real C: no divisibility
+    of T*K by E needed). Inside the bin that holds it, the margins are taken
+    as evenly spaced around their mean, so a bin with one margin gives that
+    margin exactly: ``qb_dual_update``'s value wherever the bins separate the
+    tokens near the quantile. A layer without tokens gets ``d = 0``.
+    """
+    hist = histogram.double()
+    counts_EB, sums_EB = hist[..., 0, :], hist[..., 1, :]
+    load_E = counts_EB[..., : MARGIN_BINS // 2].sum(dim=-1)  # mass below 0 = the count
+    target_E1 = (load_E.sum(dim=-1, keepdim=True) / load_E.shape[-1]).expand_as(load_E).unsqueeze(-1)
+    below_EB = counts_EB.cumsum(dim=-1)
+    # First bin whose cumulative count passes C: the (C+1)-th smallest is inside.
+    bin_E1 = torch.searchsorted(below_EB.contiguous(), target_E1.contiguous(), right=True)
+    bin_E1 = bin_E1.clamp(max=MARGIN_BINS - 1)
+    n_E = counts_EB.gather(-1, bin_E1).squeeze(-1)
+    before_E = (below_EB.gather(-1, bin_E1) - counts_EB.gather(-1, bin_E1)).squeeze(-1)
+    mean_E = sums_EB.gather(-1, bin_E1).squeeze(-1) / n_E.clamp(min=1e-30)
+    edges = torch.tensor((-_MARGIN_CLAMP,) + MARGIN_EDGES + (_MARGIN_CLAMP,), dtype=torch.float64,
+                         device=hist.device)
+    low_E, high_E = edges[bin_E1.squeeze(-1)], edges[bin_E1.squeeze(-1) + 1]
+    tail = (bin_E1.squeeze(-1) == 0) | (bin_E1.squeeze(-1) == MARGIN_BINS - 1)
+    width_E = torch.where(tail, torch.zeros_like(low_E), high_E - low_E)
+    position_E = target_E1.squeeze(-1) - before_E + 1  # 1-based rank inside the bin
+    value_E = mean_E + (position_E - (n_E + 1) / 2) * width_E / n_E.clamp(min=1.0)
+    value_E = torch.minimum(torch.maximum(value_E, low_E), high_E)
+    has_tokens = target_E1.squeeze(-1) > 0
+    return torch.where(has_tokens & (n_E > 0), value_E, torch.zeros_like(value_E))
+
+
+def rule_step(counts: torch.Tensor, *, rate: float, rule: str = "sign",
+              histogram: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The rule's move of every bias for one batch's ``[..., E]`` counts.
 
     "sign": ``u * sign(mean - c)`` (the paper and Megatron-Core);
     "proportional": ``u * (mean - c) / mean``: the same direction, scaled by the
-    relative overload, so it settles instead of oscillating by +-u around balance.
+    relative overload, so it settles instead of oscillating by +-u around balance;
+    "quantile": ``u * quantile_step(histogram)``, u in (0, 1] the fraction of
+    the way to the batch's balancing bias (upstream's quantile-balancing EMA e
+    is u = 1 - e).
     The result keeps the counts' precision (float64 counts from the balancer's
     reduction keep differences of one token visible past 2**24 tokens).
     """
@@ -35,7 +164,15 @@ def rule_step(counts: torch.Tensor, *, rate: float, rule: str = "sign") -> torch
     if rule == "proportional":
         # A layer with no tokens has mean 0: no information, no step.
         return torch.where(mean > 0, offset / mean.clamp(min=1e-12), torch.zeros_like(offset)) * rate
-    raise ValueError(f"rule: must be one of sign, proportional; got {rule!r}")
+    if rule == "quantile":
+        if histogram is None or histogram.shape[:-2] != counts.shape:
+            raise ValueError(
+                f"histogram: the quantile rule needs a [..., E, 2, {MARGIN_BINS}] margin histogram "
+                f"matching counts {tuple(counts.shape)}, got "
+                f"{None if histogram is None else tuple(histogram.shape)}"
+            )
+        return quantile_step(histogram).to(offset.dtype) * rate
+    raise ValueError(f"rule: must be one of {', '.join(UPDATE_RULES)}; got {rule!r}")
 
 
 def _centered(bias: torch.Tensor, center: bool) -> torch.Tensor:
@@ -45,6 +182,11 @@ def _centered(bias: torch.Tensor, center: bool) -> torch.Tensor:
     return bias - bias.mean(dim=-1, keepdim=True) if center else bias
 
 
+def _has_tokens(counts: torch.Tensor) -> torch.Tensor:
+    """``[..., 1]``: the layers that saw a token (the others keep their bias)."""
+    return counts.sum(dim=-1, keepdim=True) > 0
+
+
 def compute_bias_update(
     counts: torch.Tensor,
     bias: torch.Tensor,
@@ -52,6 +194,7 @@ def compute_bias_update(
     rate: float,
     rule: str = "sign",
     center: bool = False,
+    histogram: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Return the bias after one update from the global token counts.
 
@@ -59,16 +202,22 @@ def compute_bias_update(
         counts: ``[..., E]`` tokens routed to each expert over the global batch.
         bias: ``[..., E]`` current expert bias (float32).
         rate: step size u.
-        rule: "sign" or "proportional" (see ``rule_step``).
+        rule: "sign", "proportional" or "quantile" (see ``rule_step``).
         center: subtract each layer's mean bias afterwards.
+        histogram: ``[..., E, 2, B]`` margin histogram (the quantile rule only).
 
     With ``rule="sign", center=False`` the result is bit-identical to
-    Megatron-Core's ``get_updated_expert_bias`` without its all-reduce.
+    Megatron-Core's ``get_updated_expert_bias`` without its all-reduce. A
+    layer without tokens keeps its bias, and ``rate == 0`` returns ``bias``
+    bit for bit.
     """
     if counts.shape != bias.shape:
         raise ValueError(f"counts and bias must have the same shape, got {counts.shape} and {bias.shape}")
-    step = rule_step(counts, rate=rate, rule=rule)
-    return _centered(bias + step.to(bias.dtype), center)
+    if rate == 0:
+        return bias
+    step = rule_step(counts, rate=rate, rule=rule, histogram=histogram)
+    updated = _centered(bias + step.to(bias.dtype), center)
+    return torch.where(_has_tokens(counts), updated, bias)
 
 
 def compute_bias_update_with_integral(
@@ -81,6 +230,7 @@ def compute_bias_update_with_integral(
     center: bool = False,
     gain: float,
     decay: float,
+    histogram: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``compute_bias_update`` plus the drift-tracking integral term.
 
@@ -90,18 +240,22 @@ def compute_bias_update_with_integral(
     router's scores drift, the steps keep one sign and the integral grows
     until the bias moves with the drift; per-batch noise alternates in sign
     and mostly cancels in it. With ``gain == 0`` the bias equals
-    ``compute_bias_update``'s bit for bit.
+    ``compute_bias_update``'s bit for bit. A layer without tokens keeps both
+    its bias and its integral; ``rate == 0`` returns both unchanged.
     """
     if not (counts.shape == bias.shape == integral.shape):
         raise ValueError(
             "counts, bias and integral must have the same shape, got "
             f"{counts.shape}, {bias.shape} and {integral.shape}"
         )
-    step = rule_step(counts, rate=rate, rule=rule).to(bias.dtype)
-    if gain == 0:
-        return _centered(bias + step, center), integral
-    integral = decay * integral + gain * step
-    return _centered(bias + step + integral, center), integral
+    if gain == 0 or rate == 0:
+        return compute_bias_update(counts, bias, rate=rate, rule=rule, center=center,
+                                   histogram=histogram), integral
+    step = rule_step(counts, rate=rate, rule=rule, histogram=histogram).to(bias.dtype)
+    new_integral = decay * integral + gain * step
+    updated = _centered(bias + step + new_integral, center)
+    keep = ~_has_tokens(counts)
+    return torch.where(keep, bias, updated), torch.where(keep, integral, new_integral)
 
 
 def scheduled_rate(config: LossFreeConfig, step: int) -> float:

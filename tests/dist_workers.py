@@ -44,9 +44,9 @@ class CollectiveCounter:
             setattr(dist, name, original)
 
 
-def gathered_counts(routers, group) -> torch.Tensor:
-    """Reference: every rank's local counts gathered and summed, [layers, E] float64."""
-    local = torch.stack([r.local_tokens_per_expert for r in routers]).double()
+def gathered(routers, group, buffer: str = "local_tokens_per_expert") -> torch.Tensor:
+    """Reference: every rank's local ``buffer`` gathered and summed, [layers, ...] float64."""
+    local = torch.stack([getattr(r, buffer) for r in routers]).double()
     parts = [torch.zeros_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, local, group=group)
     return torch.stack(parts).sum(dim=0)
@@ -89,7 +89,13 @@ def train_and_check(rank: int, parallel: dict, lf: dict, steps: int, mtp: bool) 
             loss = model(ids, pos, None, labels=ids).float().mean()
             loss.backward()
         routers = balancer.routers
-        reference_counts = gathered_counts(routers, group)
+        reference_counts = gathered(routers, group)
+        histogram = None
+        if lf_config.update_rule == "quantile":
+            histogram = gathered(routers, group, "local_margin_histogram")
+            # The histogram's mass below 0 is the count, on every rank.
+            below = histogram[..., 0, : histogram.shape[-1] // 2].sum(-1)
+            assert torch.equal(below, reference_counts)
         bias_before = torch.stack([r.expert_bias.clone() for r in routers])
         with CollectiveCounter() as counter:
             metrics = balancer.step()
@@ -99,16 +105,18 @@ def train_and_check(rank: int, parallel: dict, lf: dict, steps: int, mtp: bool) 
                 reference_counts, bias_before, reference_integral,
                 rate=scheduled_rate(lf_config, step), rule=lf_config.update_rule,
                 center=lf_config.center, gain=lf_config.integral_gain, decay=lf_config.integral_decay,
+                histogram=histogram,
             )
             assert torch.equal(torch.stack(balancer.integrals), reference_integral)
         else:
             expected = compute_bias_update(
                 reference_counts, bias_before, rate=scheduled_rate(lf_config, step),
-                rule=lf_config.update_rule, center=lf_config.center,
+                rule=lf_config.update_rule, center=lf_config.center, histogram=histogram,
             )
         got = torch.stack([r.expert_bias for r in routers])
         assert torch.equal(got, expected), f"step {step}: bias differs from the gathered reference"
         assert all(r.local_tokens_per_expert.sum() == 0 for r in routers)
+        assert all(r.local_margin_histogram.sum() == 0 for r in routers)
         opt.step()
         opt.zero_grad()
     biases = torch.stack([r.expert_bias for r in balancer.routers])

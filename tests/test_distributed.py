@@ -51,6 +51,18 @@ def test_expert_parallel_2_inside_data_parallel_4():
     assert results[0]["group_ranks"] == [0, 1, 2, 3]
 
 
+def test_quantile_rule_uses_the_global_batch_histogram():
+    # EP=2 inside DP=4, two micro-batches per rank: the quantile is of all
+    # eight micro-batches' tokens (the worker checks every update against the
+    # histograms gathered from all ranks), in the same single all-reduce.
+    lf = dict(update_rate=0.5, update_rule="quantile", center=True)
+    parallel = dict(expert_model_parallel_size=2)
+    results = run_on_ranks(
+        dist_workers.train_and_check, 4, parallel, lf, STEPS, False, expert_model_parallel_size=2
+    )
+    check_replicas_agree(results, num_routers=2)
+
+
 def test_no_reduction_across_pipeline_stages():
     results = run_on_ranks(dist_workers.pipeline_groups, 2, pipeline_model_parallel_size=2)
     assert [r["group_ranks"] for r in results] == [[0], [1]]
