@@ -73,13 +73,20 @@ class LossFreeConfig:
 
     #: Turns the feature on where a framework config carries a ``lossfree:`` section.
     enabled: bool = True
-    #: Step size u of the bias update (the paper's 1e-3 for sigmoid scores).
-    update_rate: float = 1e-3
+    #: Step size u of the bias update: for "quantile" the fraction of the
+    #: balancing move taken per step (0.5: the bias follows the mean of about
+    #: the last two global batches); for "sign" bias units per step (the
+    #: paper's 1e-3 for sigmoid scores). The default was chosen on a grid of
+    #: settings it was not tuned for (docs/balancing.md).
+    update_rate: float = 0.5
+    #: "quantile" (default): b += u * d, d the move that balances this global
+    #: batch (quantile balancing on the global batch's margin histogram;
+    #: upstream's EMA e is u = 1 - e); step-size free: d is measured in score
+    #: units from the scores themselves, whatever the expert count, top-k,
+    #: score function or stage of training.
     #: "sign": b += u * sign(mean - c) (the paper, Megatron-Core);
-    #: "proportional": b += u * (mean - c) / mean (a relative-error step);
-    #: "quantile": b += u * d, d the move that balances this global batch
-    #: (quantile balancing; u in (0, 1], upstream's EMA e is u = 1 - e).
-    update_rule: str = "sign"
+    #: "proportional": b += u * (mean - c) / mean (a relative-error step).
+    update_rule: str = "quantile"
     #: Re-center every layer's bias to mean zero after each update. Top-K on
     #: s + b is invariant to a common shift, so no routing decision changes.
     center: bool = True

@@ -10,10 +10,12 @@ import sys
 import pytest
 from test_demo_support import TINY
 
-# The fixture trains 4 arms in 2 processes: seconds on idle cores, minutes on a loaded machine.
+# The fixture trains the default arms in 2 processes: seconds on idle cores, minutes on a loaded machine.
 pytestmark = pytest.mark.timeout(1200)
 
-ARMS = ("loss_free", "aux_loss", "megatron_bias", "none")
+from nemo_lossfree.demo.arms import DEFAULT_ARMS as ARMS
+
+BIAS_ARMS = ("loss_free", "megatron_bias", "megatron_qb")
 STEPS = 4
 
 
@@ -66,7 +68,7 @@ def test_biases_of_the_bias_arms(demo_run):
     out, _ = demo_run
     for arm in ARMS:
         data = json.loads((out / f"{arm}.json").read_text())
-        if arm in ("loss_free", "megatron_bias"):
+        if arm in BIAS_ARMS:
             assert len(data["final_bias"]) == 2 and all(len(b) == 4 for b in data["final_bias"])
             assert any(abs(x) > 0 for b in data["final_bias"] for x in b), arm
         else:
@@ -90,11 +92,24 @@ def test_plot_tensorboard_and_console_table(demo_run):
         assert {"loss", "lossfree/maxvio_batch", "lossfree/maxvio_batch_layer_2",
                 "lossfree/maxvio_batch_layer_3"} <= tags, (arm, tags)
         assert [e.step for e in events.Scalars("loss")] == list(range(1, STEPS + 1))
-        if arm in ("loss_free", "megatron_bias"):
+        if arm in BIAS_ARMS:
             assert {"lossfree/bias_std", "lossfree/bias_max"} <= tags, arm
     for arm in ARMS:
         assert arm in stdout
     assert "MaxVio_global" in stdout
+    assert "loss at matched balance: loss_free" in stdout
+
+
+def test_pareto_against_the_aux_loss_frontier(demo_run):
+    out, _ = demo_run
+    pareto = json.loads((out / "results.json").read_text())["pareto"]
+    frontier = pareto["frontier"]
+    assert sorted(p["aux_coeff"] for p in frontier) == [1e-3, 1e-2, 1e-1]
+    assert [p["maxvio_global"] for p in frontier] == sorted(p["maxvio_global"] for p in frontier)
+    mine = pareto["loss_free"]
+    assert mine["where"] in ("inside the frontier's range", "more balanced than every aux-loss arm",
+                             "less balanced than every aux-loss arm")
+    assert (mine["frontier_val_loss_at_matched_balance"] is None) == (mine["where"] != "inside the frontier's range")
 
 
 def test_report_command_prints_the_table(demo_run):
@@ -104,7 +119,8 @@ def test_report_command_prints_the_table(demo_run):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("| arm | val loss")
-    assert [line.split("|")[1].strip() for line in lines[2:]] == list(ARMS)
+    assert [line.split("|")[1].strip() for line in lines[2:2 + len(ARMS)]] == list(ARMS)
+    assert lines[-1].startswith("loss at matched balance")
 
 
 @pytest.mark.parametrize(
@@ -112,7 +128,7 @@ def test_report_command_prints_the_table(demo_run):
     [
         (["--arms", "loss_free,sinkhorn"], "arms: unknown arm 'sinkhorn'; choose from loss_free"),
         (["--topk", "5", "--experts", "4"], "topk: must be <= experts (4), got 5"),
-        (["--lossfree", "update_rule=cubic"], "lossfree.update_rule: must be one of sign, proportional"),
+        (["--lossfree", "update_rule=cubic"], "lossfree.update_rule: must be one of sign, proportional, quantile"),
         (["--dense-layers", "-1"], "dense_layers: must be an integer >= 0, got -1"),
         (["--lossfree", "integral_decay=1"], "lossfree.integral_decay: must be a number in [0, 1), got 1.0"),
     ],

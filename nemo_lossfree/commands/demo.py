@@ -2,7 +2,10 @@
 
 Trains the same small Megatron-Core GPT-MoE once per arm in two gloo
 processes (expert parallel 2) and writes ``results.json``, ``demo.png`` and
-TensorBoard events to ``--out``.
+TensorBoard events to ``--out``. With ``--seeds A,B,C`` every seed runs in
+``<out>/seed_<S>/`` and ``results.json`` holds the means, standard deviations
+and per-seed values; the Pareto panel of ``demo.png`` draws the spread as
+error bars.
 """
 
 from __future__ import annotations
@@ -12,18 +15,29 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_ARMS = "loss_free,aux_loss,megatron_bias,none"
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated integers, got {text!r}")
+    return seeds
 
 
 def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
+    from nemo_lossfree.demo.arms import ARMS, DEFAULT_ARMS
     from nemo_lossfree.demo.settings import add_settings_args
 
     parser = subparsers.add_parser(
         name, help=help_text, description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--arms", default=DEFAULT_ARMS,
-                        help="comma-separated subset of loss_free, aux_loss, megatron_bias, none")
+    parser.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                        help=f"comma-separated subset of {', '.join(ARMS)}")
+    parser.add_argument("--seeds", type=_seeds, default=None,
+                        help="comma-separated seeds, one run each (default: --seed)")
     parser.add_argument("--out", default="runs/demo", help="output directory")
     parser.add_argument("--save", default=None, help="checkpoint root (dist_checkpointing)")
     parser.add_argument("--save-interval", type=int, default=None, help="save every K steps")
@@ -35,10 +49,13 @@ def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from nemo_lossfree.demo.arms import parse_arms
     from nemo_lossfree.demo.launcher import launch
-    from nemo_lossfree.demo.plots import plot_arms
-    from nemo_lossfree.demo.results import collect, format_table, write_json
+    from nemo_lossfree.demo.pareto import describe
+    from nemo_lossfree.demo.plots import plot_demo
+    from nemo_lossfree.demo.results import collect, combine_seeds, format_table, write_json
     from nemo_lossfree.demo.settings import settings_from_args, settings_to_argv
     from nemo_lossfree.demo.worker import EXIT_STOPPED
 
@@ -50,29 +67,39 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    worker_argv = ["--arm", ",".join(arms), "--out", str(out), *settings_to_argv(settings)]
-    for flag, value in (("--save", args.save), ("--save-interval", args.save_interval),
-                        ("--load", args.load)):
-        if value is not None:
-            worker_argv += [flag, str(value)]
+    seeds = args.seeds or [settings.seed]
     start = time.perf_counter()
-    code = launch(worker_argv, out, quiet=args.quiet, threads=args.threads)
-    if code == EXIT_STOPPED:
-        print(f"stopped early; resume with --load {args.save}" if args.save else "stopped early",
-              file=sys.stderr)
-        return code
-    if code != 0:
-        return code
-    config = settings.to_dict()
-    config["arms"] = arms
-    config["world_size"] = 2
-    config["expert_model_parallel_size"] = 2
-    config["tokens_per_step"] = settings.tokens_per_step
-    config["total_wall_s"] = time.perf_counter() - start
-    results = collect(out, arms, config)
+    per_seed = {}
+    for seed in seeds:
+        seed_settings = dataclasses.replace(settings, seed=seed)
+        seed_out = out if len(seeds) == 1 else out / f"seed_{seed}"
+        seed_out.mkdir(parents=True, exist_ok=True)
+        worker_argv = ["--arm", ",".join(arms), "--out", str(seed_out), *settings_to_argv(seed_settings)]
+        for flag, value in (("--save", args.save), ("--save-interval", args.save_interval),
+                            ("--load", args.load)):
+            if value is not None:
+                if flag != "--save-interval" and len(seeds) > 1:
+                    value = str(Path(value) / f"seed_{seed}")
+                worker_argv += [flag, str(value)]
+        code = launch(worker_argv, seed_out, quiet=args.quiet, threads=args.threads)
+        if code == EXIT_STOPPED:
+            print(f"stopped early; resume with --load {args.save}" if args.save else "stopped early",
+                  file=sys.stderr)
+            return code
+        if code != 0:
+            return code
+        config = seed_settings.to_dict()
+        config.update(arms=arms, world_size=2, expert_model_parallel_size=2,
+                      tokens_per_step=settings.tokens_per_step)
+        per_seed[seed] = collect(seed_out, arms, config)
+        if len(seeds) > 1:
+            write_json(seed_out / "results.json", per_seed[seed])
+    results = per_seed[seeds[0]] if len(seeds) == 1 else combine_seeds(per_seed)
+    results["config"]["total_wall_s"] = time.perf_counter() - start
     write_json(out / "results.json", results)
-    plot_arms(out, arms, out / "demo.png")
+    plot_demo(results, {s: out if len(seeds) == 1 else out / f"seed_{s}" for s in seeds}, out / "demo.png")
     print(format_table(results))
+    print(describe(results["pareto"]))
     print(f"\nresults: {out / 'results.json'}  plot: {out / 'demo.png'}  "
-          f"tensorboard: {out / 'tensorboard'}  ({config['total_wall_s']:.0f} s)")
+          f"tensorboard: {out / 'tensorboard'}  ({results['config']['total_wall_s']:.0f} s)")
     return 0

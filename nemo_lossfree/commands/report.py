@@ -16,6 +16,7 @@ def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser
 
 
 def run(args: argparse.Namespace) -> int:
+    from nemo_lossfree.demo.pareto import describe
     from nemo_lossfree.demo.results import format_markdown, format_table
 
     path = Path(args.results)
@@ -36,4 +37,6 @@ def run(args: argparse.Namespace) -> int:
         print(format_markdown(results))
     else:
         print(format_table(results))
+        if "pareto" in results:
+            print(describe(results["pareto"]))
     return 0

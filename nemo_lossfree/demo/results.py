@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from nemo_lossfree.demo.arms import ARMS
+from nemo_lossfree.demo.pareto import describe, matched_balance
 from nemo_lossfree.demo.trainer import MAXVIO_TARGET, ArmTrainer, StepRecord, steps_to_below
 
 RESULT_KEYS = (
@@ -136,7 +137,43 @@ def collect(out: Path, arms: list[str], config: dict) -> dict:
             raise RuntimeError(f"{arm}: not finished (stopped at step {data.get('steps_done')})")
         results["arms"][arm] = {key: data[key] for key in RESULT_KEYS}
         results["arms"][arm]["description"] = ARMS[arm].description
+    results["pareto"] = matched_balance(results["arms"])
     return results
+
+
+# Averaged over seeds; "steps to" is left per seed (it can be "never").
+_MEAN_KEYS = ("val_loss", "val_ppl", "maxvio_global", "maxvio_batch_last", "wall_s")
+
+
+def combine_seeds(per_seed: dict[int, dict]) -> dict:
+    """Several seeds' results as one: means, population standard deviations, per-seed values.
+
+    The Pareto comparison is made on the means, and per seed.
+    """
+    import statistics
+
+    seeds = list(per_seed)
+    first = per_seed[seeds[0]]
+    arms: dict[str, Any] = {}
+    for arm in first["arms"]:
+        runs = [per_seed[s]["arms"][arm] for s in seeds]
+        row: dict[str, Any] = {k: statistics.fmean(r[k] for r in runs) for k in _MEAN_KEYS}
+        row.update({f"{k}_std": statistics.pstdev(r[k] for r in runs) for k in ("val_loss", "maxvio_global")})
+        below = f"steps_to_maxvio_batch_below_{MAXVIO_TARGET}"
+        row[below] = [r[below] for r in runs]
+        row["per_seed"] = {str(s): per_seed[s]["arms"][arm] for s in seeds}
+        row["description"] = first["arms"][arm]["description"]
+        arms[arm] = row
+    config = dict(first["config"], seeds=seeds)
+    config.pop("seed", None)
+    pareto = matched_balance(arms)
+    pareto["per_seed"] = {str(s): per_seed[s]["pareto"].get("loss_free") for s in seeds}
+    return {"arms": arms, "config": config, "pareto": pareto}
+
+
+def _steps_cell(value) -> str:
+    values = value if isinstance(value, list) else [value]
+    return "/".join("never" if v is None else str(v) for v in values)
 
 
 def format_table(results: dict) -> str:
@@ -147,9 +184,8 @@ def format_table(results: dict) -> str:
     for arm, r in results["arms"].items():
         below = r.get(f"steps_to_maxvio_batch_below_{MAXVIO_TARGET}")
         rows.append((
-            arm, f"{r['val_loss']:.4f}", f"{r['val_ppl']:.3f}", f"{r['maxvio_global']:.3f}",
-            f"{r['maxvio_batch_last']:.3f}", "never" if below is None else str(below),
-            f"{r['wall_s']:.0f}",
+            arm, _with_std(r, "val_loss", 4), f"{r['val_ppl']:.3f}", _with_std(r, "maxvio_global", 3),
+            f"{r['maxvio_batch_last']:.3f}", _steps_cell(below), f"{r['wall_s']:.0f}",
         ))
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
               for i, h in enumerate(headers)]
@@ -165,7 +201,17 @@ def format_markdown(results: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|"]
     for arm, r in results["arms"].items():
         below = r.get(f"steps_to_maxvio_batch_below_{MAXVIO_TARGET}")
-        lines.append(f"| {arm} | {r['val_loss']:.4f} | {r['val_ppl']:.3f} | {r['maxvio_global']:.3f} | "
-                     f"{r['maxvio_batch_last']:.3f} | {'never' if below is None else below} | "
-                     f"{r['wall_s']:.0f} |")
+        lines.append(f"| {arm} | {_with_std(r, 'val_loss', 4)} | {r['val_ppl']:.3f} | "
+                     f"{_with_std(r, 'maxvio_global', 3)} | {r['maxvio_batch_last']:.3f} | "
+                     f"{_steps_cell(below)} | {r['wall_s']:.0f} |")
+    if "pareto" in results:
+        lines += ["", describe(results["pareto"])]
     return "\n".join(lines)
+
+
+def _with_std(row: dict, key: str, digits: int) -> str:
+    """``mean`` or ``mean +- std`` (several seeds)."""
+    text = f"{row[key]:.{digits}f}"
+    if f"{key}_std" in row:
+        text += f" ± {row[key + '_std']:.{digits}f}"
+    return text

@@ -14,28 +14,6 @@ from typing import Any, Optional
 
 from nemo_lossfree.config import LossFreeConfig
 
-# The loss-free arm's default update settings for this demo's horizon (200
-# steps from a random router, Adam at lr 3e-3, so router scores move fast).
-# Measured (docs/demo.md): a constant sign step is too slow at u = 1e-3 and
-# leaves MaxVio_global ~0.76 at u = 1e-2; large sign steps herd tokens from one
-# expert to the next while the scores are still close. The proportional rule
-# moves each bias by u * (mean - c) / mean: large for a badly overloaded
-# expert, small near balance, so it settles instead of oscillating by +-u.
-# An O(1/t) decay (the primal-dual analysis' step sizes) from 5e-2, floored at
-# 1e-2, balanced best (MaxVio_global 0.212 at seed 1234). The drift integral
-# (integral_gain 0.1) was measured too and is left off here: 0.189 vs 0.212 at
-# seed 1234 but 0.256 vs 0.157 at seed 4321, within this demo's seed-to-seed
-# spread (docs/demo.md).
-DEMO_LOSSFREE = dict(
-    update_rate=5e-2,
-    update_rule="proportional",
-    schedule="inverse_time",
-    decay_steps=20,
-    min_update_rate=1e-2,
-    center=True,
-)
-
-
 @dataclass
 class DemoSettings:
     steps: int = 200
@@ -64,7 +42,9 @@ class DemoSettings:
     val_windows: int = 2048
     corpus: Optional[str] = None
     corpus_max_bytes: int = 24 * 1024 * 1024
-    lossfree: dict[str, Any] = field(default_factory=lambda: dict(DEMO_LOSSFREE))
+    # LossFreeConfig fields of the loss_free arm that differ from the library's
+    # defaults (none by default: the demo shows the default a user gets).
+    lossfree: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         positive = ("steps", "experts", "topk", "num_layers", "hidden_size", "num_attention_heads",
@@ -148,13 +128,12 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
                    help="read at most this many corpus bytes (default %(default)s)")
     g.add_argument("--lossfree", dest="lossfree_overrides", action="append", default=[],
                    type=_key_value, metavar="KEY=VALUE",
-                   help="LossFreeConfig field for the loss_free arm, repeatable (e.g. update_rate=1e-3); "
-                        "demo defaults: " + ", ".join(f"{k}={v}" for k, v in DEMO_LOSSFREE.items()))
+                   help="LossFreeConfig field for the loss_free arm, repeatable (e.g. update_rate=0.25); "
+                        "default: LossFreeConfig()'s own defaults")
 
 
 def settings_from_args(args: argparse.Namespace) -> DemoSettings:
-    lossfree = dict(DEMO_LOSSFREE)
-    lossfree.update(dict(args.lossfree_overrides))
+    lossfree = dict(args.lossfree_overrides)
     # Typed values (results.json records numbers, not the command line's strings).
     typed = LossFreeConfig.from_dict(lossfree)
     lossfree = {key: getattr(typed, key) for key in lossfree}

@@ -154,10 +154,22 @@ class ArmTrainer:
     def _layer_ids(self) -> list[int]:
         return [r.layer_number if r.layer_number is not None else i for i, r in enumerate(self.routers)]
 
+    @staticmethod
+    def _bias(router) -> Optional[torch.Tensor]:
+        """The router's selection bias in this project's sign (added to the scores), if any.
+
+        Megatron-Core's quantile balancing selects on ``logits - qb_beta``.
+        """
+        if getattr(router, "expert_bias", None) is not None:
+            return router.expert_bias
+        if getattr(router, "qb_beta", None) is not None:
+            return -router.qb_beta
+        return None
+
     def _bias_metrics(self) -> dict[str, float]:
         from nemo_lossfree import metrics as lf_metrics
 
-        biases = [r.expert_bias for r in self.routers if getattr(r, "expert_bias", None) is not None]
+        biases = [b for b in map(self._bias, self.routers) if b is not None]
         return lf_metrics.summarize([], biases, []) if biases else {}
 
     def train_step(self, recorder) -> StepRecord:
@@ -253,7 +265,7 @@ class ArmTrainer:
         }
 
     def final_biases(self) -> Optional[list[list[float]]]:
-        biases = [getattr(r, "expert_bias", None) for r in self.routers]
+        biases = [self._bias(r) for r in self.routers]
         if any(b is None for b in biases):
             return None
         return [b.float().tolist() for b in biases]

@@ -1,0 +1,136 @@
+"""The grid that chooses (and checks) the default LossFreeConfig: demo settings x seeds x arms.
+
+    python benchmarks/default_grid.py --out runs/grid                 # every job, in priority order
+    python benchmarks/default_grid.py --out runs/grid --summary-only  # the table of what is done
+
+Each job is one ``nemo-lossfree demo --arms ARM`` invocation (every arm of the
+demo is deterministic and independent of the others, so one arm per
+invocation gives the numbers a multi-arm run gives). Jobs whose
+``results.json`` exists are skipped, so the script can be stopped and
+resumed; jobs run one at a time (each is two processes on the two cores of
+the development machine). The settings span 8 to 64 experts and top-1 to
+top-8, with and without a dense first layer; none of them is the setting the
+default is tuned on: the default is a fixed ``LossFreeConfig()``, the same for
+all.
+
+Priorities (the order jobs run in): the default and the 1e-2 auxiliary loss at
+the first seed on every setting, then Megatron-Core's two built-ins, then the
+other seeds, then candidate rules for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+SETTINGS = {
+    "e16k2": ["--experts", "16", "--topk", "2"],
+    "e8k1": ["--experts", "8", "--topk", "1"],
+    "e8k2d": ["--experts", "8", "--topk", "2", "--dense-layers", "1"],
+    "e16k4d": ["--experts", "16", "--topk", "4", "--dense-layers", "1"],
+    "e32k4": ["--experts", "32", "--topk", "4"],
+    "e32k4d": ["--experts", "32", "--topk", "4", "--dense-layers", "1"],
+    "e64k6d": ["--experts", "64", "--topk", "6", "--dense-layers", "1"],
+    "e64k8": ["--experts", "64", "--topk", "8"],
+}
+SEEDS = (1234, 4321, 7)
+# label -> (demo arm, --lossfree overrides). "default" is LossFreeConfig() as shipped.
+CANDIDATES = {
+    "default": ("loss_free", []),
+    "aux_loss": ("aux_loss", []),
+    "megatron_qb": ("megatron_qb", []),
+    "megatron_bias": ("megatron_bias", []),
+    "proportional": ("loss_free", ["update_rule=proportional", "update_rate=0.05", "schedule=inverse_time",
+                                   "decay_steps=20", "min_update_rate=0.01"]),
+    "quantile_1.0": ("loss_free", ["update_rule=quantile", "update_rate=1.0", "schedule=constant"]),
+    "quantile_0.25": ("loss_free", ["update_rule=quantile", "update_rate=0.25", "schedule=constant"]),
+}
+
+
+def jobs() -> list[tuple[str, int, str]]:
+    first, rest = SEEDS[0], SEEDS[1:]
+    order = [(s, first, c) for c in ("default", "aux_loss") for s in SETTINGS]
+    order += [(s, first, c) for c in ("megatron_qb", "megatron_bias") for s in SETTINGS]
+    order += [(s, seed, c) for seed in rest for s in SETTINGS for c in ("default", "aux_loss")]
+    order += [(s, first, c) for c in ("proportional", "quantile_1.0", "quantile_0.25") for s in SETTINGS]
+    return order
+
+
+def job_dir(out: Path, setting: str, seed: int, label: str) -> Path:
+    return out / setting / f"seed_{seed}" / label
+
+
+def run_job(out: Path, setting: str, seed: int, label: str) -> None:
+    arm, overrides = CANDIDATES[label]
+    directory = job_dir(out, setting, seed, label)
+    command = [sys.executable, "-m", "nemo_lossfree.cli", "demo", "--quiet", "--arms", arm,
+               "--seed", str(seed), "--out", str(directory), *SETTINGS[setting]]
+    for item in overrides:
+        command += ["--lossfree", item]
+    print(" ".join(command[2:]), flush=True)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+
+
+def load(out: Path, setting: str, seed: int, label: str):
+    path = job_dir(out, setting, seed, label) / "results.json"
+    if not path.exists():
+        return None
+    arm = CANDIDATES[label][0]
+    return json.loads(path.read_text())["arms"][arm]
+
+
+def summary(out: Path) -> dict:
+    """Per setting and candidate: seeds done, mean val loss and MaxVio_global."""
+    table: dict = {}
+    for setting in SETTINGS:
+        for label in CANDIDATES:
+            runs = {seed: load(out, setting, seed, label) for seed in SEEDS}
+            runs = {seed: r for seed, r in runs.items() if r is not None}
+            if runs:
+                table.setdefault(setting, {})[label] = {
+                    "seeds": sorted(runs),
+                    "val_loss": statistics.fmean(r["val_loss"] for r in runs.values()),
+                    "maxvio_global": statistics.fmean(r["maxvio_global"] for r in runs.values()),
+                    "per_seed": {str(s): [r["val_loss"], r["maxvio_global"]] for s, r in runs.items()},
+                }
+    return table
+
+
+def markdown(table: dict) -> str:
+    labels = [c for c in CANDIDATES if any(c in row for row in table.values())]
+    head = "| setting | " + " | ".join(f"{c}: val loss / MaxVio_global" for c in labels) + " |"
+    lines = [head, "|---|" + "---:|" * len(labels)]
+    for setting, row in table.items():
+        cells = []
+        for label in labels:
+            r = row.get(label)
+            cells.append("" if r is None else f"{r['val_loss']:.4f} / {r['maxvio_global']:.3f} ({len(r['seeds'])})")
+        lines.append(f"| {setting} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/grid")
+    parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument("--only", default=None, help="comma-separated candidate labels to run")
+    args = parser.parse_args()
+    out = Path(args.out)
+    if not args.summary_only:
+        wanted = set(args.only.split(",")) if args.only else set(CANDIDATES)
+        for setting, seed, label in jobs():
+            if label in wanted and load(out, setting, seed, label) is None:
+                run_job(out, setting, seed, label)
+    table = summary(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grid.json").write_text(json.dumps(table, indent=2) + "\n")
+    print(markdown(table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
