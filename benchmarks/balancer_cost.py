@@ -205,10 +205,10 @@ def measure(rank: int, world_size: int, options: dict[str, Any]) -> Optional[dic
     shape = options["shape"]
     ours, upstream, upstream_config = build_router_stacks(shape, options["mixed"])
     group = ours[0].tp_dp_cp_group
-    logging_balancer = LossFreeBalancer(ours, LossFreeConfig(log_every=1))
+    logging_balancer = LossFreeBalancer(ours, LossFreeConfig(update_rule="sign", update_rate=1e-3, log_every=1))
     # log_every so large that only its first step records metrics; that one is warm-up.
-    quiet_balancer = LossFreeBalancer(ours, LossFreeConfig(log_every=10**9))
-    overlapped = OverlappedLossFreeBalancer(LossFreeBalancer(ours, LossFreeConfig(log_every=10**9)))
+    quiet_balancer = LossFreeBalancer(ours, LossFreeConfig(update_rule="sign", update_rate=1e-3, log_every=10**9))
+    overlapped = OverlappedLossFreeBalancer(LossFreeBalancer(ours, LossFreeConfig(update_rule="sign", update_rate=1e-3, log_every=10**9)))
     generator = torch.Generator().manual_seed(1000 + rank)
     tokens_per_layer = shape["tokens_per_rank"] * shape["topk"]
 
@@ -331,8 +331,8 @@ def profile_steps(steps: int = 200, top: int = 18) -> str:
     ours, upstream, upstream_config = build_router_stacks(shape, mixed=False)
     group = ours[0].tp_dp_cp_group
     variants = {
-        "lossfree": LossFreeBalancer(ours, LossFreeConfig(log_every=1)).step,
-        "lossfree_nolog": LossFreeBalancer(ours, LossFreeConfig(log_every=10**9)).step,
+        "lossfree": LossFreeBalancer(ours, LossFreeConfig(update_rule="sign", update_rate=1e-3, log_every=1)).step,
+        "lossfree_nolog": LossFreeBalancer(ours, LossFreeConfig(update_rule="sign", update_rate=1e-3, log_every=10**9)).step,
         "upstream": lambda: (
             _update_router_expert_bias(list(upstream), upstream_config, tp_dp_cp_group=group),
             reset_model_temporary_tensors(upstream_config, list(upstream)),

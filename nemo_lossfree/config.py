@@ -13,7 +13,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-UPDATE_RULES = ("sign", "proportional", "quantile")
+UPDATE_RULES = ("quantile", "sign", "proportional")
+#: ``update_rate`` when it is not given: each rule's rate means something else
+#: (a fraction of the balancing move; bias units per step; bias units per
+#: relative overload), so a rule chosen without a rate gets its own.
+DEFAULT_RATES = {"quantile": 0.5, "sign": 1e-3, "proportional": 1e-2}
 SCHEDULES = ("constant", "inverse_time", "cosine", "linear_warmup")
 
 
@@ -50,7 +54,9 @@ def _coerce(annotation: str, value: Any) -> Any:
         return value
     text = value.strip()
     try:
-        if annotation == "float":
+        if annotation in ("float", "Optional[float]"):
+            if annotation.startswith("Optional") and text.lower() in ("none", "null", "~"):
+                return None
             return float(text)
         if annotation in ("int", "Optional[int]"):
             if annotation.startswith("Optional") and text.lower() in ("none", "null", "~"):
@@ -73,12 +79,13 @@ class LossFreeConfig:
 
     #: Turns the feature on where a framework config carries a ``lossfree:`` section.
     enabled: bool = True
-    #: Step size u of the bias update: for "quantile" the fraction of the
-    #: balancing move taken per step (0.5: the bias follows the mean of about
-    #: the last two global batches); for "sign" bias units per step (the
-    #: paper's 1e-3 for sigmoid scores). The default was chosen on a grid of
-    #: settings it was not tuned for (docs/balancing.md).
-    update_rate: float = 0.5
+    #: Step size u of the bias update; unset: the rule's own (DEFAULT_RATES).
+    #: For "quantile" the fraction of the balancing move taken per step (0.5:
+    #: the bias follows the mean of about the last two global batches); for
+    #: "sign" bias units per step (the paper's 1e-3 for sigmoid scores). The
+    #: default was chosen on a grid of settings it was not tuned for
+    #: (docs/balancing.md).
+    update_rate: Optional[float] = None
     #: "quantile" (default): b += u * d, d the move that balances this global
     #: batch (quantile balancing on the global batch's margin histogram;
     #: upstream's EMA e is u = 1 - e); step-size free: d is measured in score
@@ -120,8 +127,10 @@ class LossFreeConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
             raise ValueError(f"lossfree.enabled: must be true or false, got {self.enabled!r}")
-        _check_rate("lossfree.update_rate", self.update_rate)
         _check_choice("lossfree.update_rule", self.update_rule, UPDATE_RULES)
+        if self.update_rate is None:
+            self.update_rate = DEFAULT_RATES[self.update_rule]
+        _check_rate("lossfree.update_rate", self.update_rate)
         if self.update_rule == "quantile" and self.update_rate > 1:
             raise ValueError(
                 "lossfree.update_rate: must be in [0, 1] with update_rule quantile (the fraction "

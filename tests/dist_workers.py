@@ -167,7 +167,7 @@ def save_then_load(rank: int, ckpt_dir: str, upstream_first: bool) -> dict:
         source = gpt_moe_model(saved_config, vocab_size=VOCAB, max_sequence_length=SEQ, loss_free=False)
     else:
         source = gpt_moe_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)
-    balancer = None if upstream_first else LossFreeBalancer(source, LossFreeConfig(update_rate=1e-2))
+    balancer = None if upstream_first else LossFreeBalancer(source, LossFreeConfig(update_rule="sign", update_rate=1e-2))
     gen = torch.Generator().manual_seed(rank)
     for _ in range(3):
         ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
@@ -191,7 +191,7 @@ def save_then_load(rank: int, ckpt_dir: str, upstream_first: bool) -> dict:
     dist_checkpointing.save(state, ckpt_dir)
 
     target = gpt_moe_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)
-    restored_balancer = LossFreeBalancer(target, LossFreeConfig(update_rate=1e-2))
+    restored_balancer = LossFreeBalancer(target, LossFreeConfig(update_rule="sign", update_rate=1e-2))
     template = {"model": target.sharded_state_dict()}
     if balancer is not None:
         template["lossfree"] = restored_balancer.state_dict()

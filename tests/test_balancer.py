@@ -23,7 +23,7 @@ def routers_with_expert_counts(pg_collection, counts):
 
 def test_layers_with_different_expert_counts(pg_collection):
     model = routers_with_expert_counts(pg_collection, [8, 16, 8])
-    balancer = LossFreeBalancer(model, LossFreeConfig(update_rate=0.1, center=False))
+    balancer = LossFreeBalancer(model, LossFreeConfig(update_rule="sign", update_rate=0.1, center=False))
     counts = [torch.arange(8.0), torch.arange(16.0).flip(0), torch.full((8,), 3.0)]
     for router, c in zip(model, counts):
         router.local_tokens_per_expert.copy_(c)
@@ -39,7 +39,7 @@ def test_layers_with_different_expert_counts(pg_collection):
 
 def test_layer_without_tokens_keeps_its_bias(pg_collection):
     model = routers_with_expert_counts(pg_collection, [8, 8])
-    balancer = LossFreeBalancer(model, LossFreeConfig(update_rate=0.1, center=True))
+    balancer = LossFreeBalancer(model, LossFreeConfig(update_rule="sign", update_rate=0.1, center=True))
     model[0].expert_bias.copy_(torch.linspace(-1, 1, 8))
     model[1].local_tokens_per_expert.copy_(torch.arange(8.0))
     balancer.step()
@@ -58,7 +58,7 @@ def test_non_finite_counts_raise(pg_collection):
 
 def test_frozen_and_eval_routers_are_left_alone(pg_collection):
     model = routers_with_expert_counts(pg_collection, [8, 8])
-    balancer = LossFreeBalancer(model, LossFreeConfig(update_rate=0.1))
+    balancer = LossFreeBalancer(model, LossFreeConfig(update_rule="sign", update_rate=0.1))
     for router in model:
         router.local_tokens_per_expert.copy_(torch.arange(8.0))
     model[0].frozen_expert_bias = True  # Megatron-LM's --freeze-all-layers sets this
@@ -70,7 +70,7 @@ def test_frozen_and_eval_routers_are_left_alone(pg_collection):
 
 def test_schedule_and_log_every(pg_collection):
     model = routers_with_expert_counts(pg_collection, [8])
-    cfg = LossFreeConfig(update_rate=0.1, schedule="inverse_time", decay_steps=1, log_every=2, center=False)
+    cfg = LossFreeConfig(update_rule="sign", update_rate=0.1, schedule="inverse_time", decay_steps=1, log_every=2, center=False)
     balancer = LossFreeBalancer(model, cfg)
     seen = []
     for _ in range(4):
@@ -81,7 +81,7 @@ def test_schedule_and_log_every(pg_collection):
 
 def test_frozen_bias_stays_bit_exact_even_with_centering(pg_collection):
     model = routers_with_expert_counts(pg_collection, [8])
-    balancer = LossFreeBalancer(model, LossFreeConfig(update_rate=0.1, center=True, freeze_after_steps=2))
+    balancer = LossFreeBalancer(model, LossFreeConfig(update_rule="sign", update_rate=0.1, center=True, freeze_after_steps=2))
     # Values whose mean is not exact in float32: re-centering them moves bits.
     model[0].expert_bias.copy_(torch.randn(8, generator=torch.Generator().manual_seed(0)) / 3)
     for _ in range(2):
@@ -106,15 +106,15 @@ def test_requires_a_loss_free_router(pg_collection):
 
 def test_state_dict_round_trip(pg_collection, caplog):
     model = routers_with_expert_counts(pg_collection, [8])
-    balancer = LossFreeBalancer(model, LossFreeConfig(update_rate=0.1))
+    balancer = LossFreeBalancer(model, LossFreeConfig(update_rule="sign", update_rate=0.1))
     for _ in range(3):
         balancer.step()
     state = balancer.state_dict()
     assert state["steps_done"] == 3
-    resumed = LossFreeBalancer(model, LossFreeConfig(update_rate=0.1))
+    resumed = LossFreeBalancer(model, LossFreeConfig(update_rule="sign", update_rate=0.1))
     resumed.load_state_dict(state)
     assert resumed.steps_done == 3
-    changed = LossFreeBalancer(model, LossFreeConfig(update_rate=0.2))
+    changed = LossFreeBalancer(model, LossFreeConfig(update_rule="sign", update_rate=0.2))
     changed.load_state_dict(state)
     assert "differs from the checkpoint" in caplog.text
 
@@ -127,7 +127,7 @@ def test_runs_inside_megatron_schedule_through_finalize_model_grads(single_rank)
     config = moe_transformer_config(num_layers=2, num_experts=8, topk=2)
     model = gpt_moe_model(config, vocab_size=64, max_sequence_length=16)
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
-    balancer = LossFreeBalancer(ddp, LossFreeConfig(update_rate=1e-2)).attach(config)
+    balancer = LossFreeBalancer(ddp, LossFreeConfig(update_rule="sign", update_rate=1e-2)).attach(config)
     assert balancer.attach(config) is balancer  # attaching twice wraps once
     gen = torch.Generator().manual_seed(0)
 
@@ -207,7 +207,7 @@ def test_integral_term_is_state_that_round_trips(pg_collection):
 
 def test_frozen_bias_keeps_its_integral(pg_collection):
     model = routers_with_expert_counts(pg_collection, [8])
-    cfg = LossFreeConfig(update_rate=0.1, integral_gain=0.5, freeze_after_steps=2)
+    cfg = LossFreeConfig(update_rule="sign", update_rate=0.1, integral_gain=0.5, freeze_after_steps=2)
     balancer = LossFreeBalancer(model, cfg)
     for _ in range(4):
         model[0].local_tokens_per_expert.copy_(torch.tensor([1.0, 2, 3, 5, 7, 11, 13, 17]))

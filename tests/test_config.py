@@ -23,7 +23,7 @@ def test_defaults_are_the_grid_measured_quantile_rule():
         ("update_rate", math.nan, "lossfree.update_rate: must be a finite number >= 0"),
         ("update_rate", math.inf, "lossfree.update_rate: must be a finite number >= 0"),
         ("update_rate", "fast", "lossfree.update_rate: must be a finite number >= 0"),
-        ("update_rule", "linear", "lossfree.update_rule: must be one of sign, proportional"),
+        ("update_rule", "linear", "lossfree.update_rule: must be one of quantile, sign, proportional"),
         ("schedule", "step", "lossfree.schedule: must be one of constant, inverse_time, cosine, linear_warmup"),
         ("warmup_steps", -1, "lossfree.warmup_steps: must be an integer >= 0"),
         ("decay_steps", 0, "lossfree.decay_steps: must be an integer >= 1"),
@@ -65,3 +65,13 @@ def test_from_dict_rejects_unknown_keys():
 def test_round_trip_through_dict():
     cfg = LossFreeConfig(update_rate=2e-3, update_rule="proportional", schedule="cosine", decay_steps=50)
     assert LossFreeConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_rule_without_a_rate_gets_its_own_rate():
+    # A rate means something else per rule: quantile's 0.5 would be a huge sign step.
+    assert LossFreeConfig(update_rule="sign").update_rate == 1e-3
+    assert LossFreeConfig.from_dict({"update_rule": "proportional"}).update_rate == 1e-2
+    assert LossFreeConfig.from_dict({"update_rule": "sign", "update_rate": "null"}).update_rate == 1e-3
+    assert LossFreeConfig(update_rule="sign", update_rate=2e-3).update_rate == 2e-3
+    config = LossFreeConfig(update_rule="sign")
+    assert LossFreeConfig.from_dict(config.to_dict()) == config

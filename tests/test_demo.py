@@ -128,7 +128,7 @@ def test_report_command_prints_the_table(demo_run):
     [
         (["--arms", "loss_free,sinkhorn"], "arms: unknown arm 'sinkhorn'; choose from loss_free"),
         (["--topk", "5", "--experts", "4"], "topk: must be <= experts (4), got 5"),
-        (["--lossfree", "update_rule=cubic"], "lossfree.update_rule: must be one of sign, proportional, quantile"),
+        (["--lossfree", "update_rule=cubic"], "lossfree.update_rule: must be one of quantile, sign, proportional"),
         (["--dense-layers", "-1"], "dense_layers: must be an integer >= 0, got -1"),
         (["--lossfree", "integral_decay=1"], "lossfree.integral_decay: must be a number in [0, 1), got 1.0"),
     ],

@@ -81,12 +81,42 @@ def test_recommendation_is_the_rate_with_least_regret():
     pool = SyntheticPool(num_tokens=4096, num_experts=16, skew=1.0, seed=4)
     env = Environment([pool], topk=2, tokens_per_step=1024, steps=60, seed=4)
     traces = scan_rates(env, [1e-5, 1e-3, 3e-2], base=strategy_config("centered", rate=1e-3, steps=60))
-    choice = recommend(traces)
+    choice = recommend(traces, target=10.0)  # every rate reaches it: the least regret decides
     best = min(traces, key=lambda t: t.regret())
     assert choice["update_rate"] == best.config.update_rate
     # A rate of 1e-5 barely moves the bias in 60 steps: it cannot be the choice.
     assert choice["update_rate"] != 1e-5
     assert traces[0].regret() > best.regret()
+
+
+def test_recommendation_meets_its_own_target_first():
+    """A rate with less regret that never reaches the target loses to one that does."""
+    from nemo_lossfree.simulator.dynamics import Trace
+
+    def trace(rate, maxvio):
+        return Trace(name=f"rate={rate}", config=strategy_config("centered", rate=rate, steps=len(maxvio)),
+                     maxvio=maxvio)
+
+    # 3e-2 drops fast but hovers above 0.2; 1e-2 is slower and gets below it.
+    fast = trace(3e-2, [1.0] + [0.25] * 39)
+    slow = trace(1e-2, [2.0] * 15 + [0.15] * 25)
+    assert fast.regret() < slow.regret()
+    choice = recommend([fast, slow], target=0.2, window=10)
+    assert choice["update_rate"] == 1e-2 and choice["steps_to_target"] == 15
+    assert choice["criterion"].startswith("reaches MaxVio_batch 0.2")
+    nobody = recommend([fast], target=0.1, window=10)
+    assert nobody["update_rate"] == 3e-2 and nobody["criterion"].startswith("no rate reaches")
+
+
+def test_quantile_strategy_balances_without_a_rate():
+    pool = SyntheticPool(num_tokens=8192, num_experts=32, skew=1.0, seed=6)
+    env = Environment([pool], topk=4, tokens_per_step=4096, steps=30, drift=1e-3, seed=6)
+    quantile = simulate(env, strategy_config("quantile", rate=123.0, steps=30))
+    assert quantile.config.update_rule == "quantile" and quantile.config.update_rate == 0.5
+    assert quantile.maxvio[0] > 1.0
+    assert quantile.steady_maxvio() < 0.15
+    # The histogram's counts are the counts the other strategies see.
+    assert env.counts(0, torch.zeros(32)).sum() == 4096 * 4
 
 
 def test_command_on_recorded_scores_writes_json_and_png(tmp_path, capsys):
@@ -116,7 +146,7 @@ def test_command_on_synthetic_scores_reports_throughput(tmp_path):
     document = json.loads((tmp_path / "simulate.json").read_text())
     assert document["shape"] == {"experts": 32, "topk": 4, "tokens_per_step": 2048, "steps": 20,
                                  "score_function": "softmax"}
-    assert len(document["strategies"]) == 6
+    assert len(document["strategies"]) == 7  # every strategy, quantile balancing included
     throughput = document["throughput"]
     assert throughput["threads"] == 1
     assert throughput["token_routings_per_s"] == pytest.approx(4 * throughput["tokens_per_s"])

@@ -64,7 +64,7 @@ def test_shapes_must_match():
 
 
 def test_unknown_rule_is_refused():
-    with pytest.raises(ValueError, match="rule: must be one of sign, proportional"):
+    with pytest.raises(ValueError, match="rule: must be one of quantile, sign, proportional"):
         compute_bias_update(torch.zeros(4), torch.zeros(4), rate=1.0, rule="median")
 
 

@@ -45,7 +45,7 @@ def test_command_line_process_has_no_traceback():
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = result.stderr.splitlines()
-    assert any(line.startswith("lossfree.update_rule: must be one of sign, proportional") for line in lines)
+    assert any(line.startswith("lossfree.update_rule: must be one of quantile, sign, proportional") for line in lines)
     assert any(line.startswith("model.expert_model_parallel_size: must divide num_moe_experts (8)")
                for line in lines)
 

@@ -141,7 +141,7 @@ def run(args) -> int:
     strategies = compare_strategies(env, args.strategies, rate=args.rate)
     scan = scan_rates(env, sorted(set(args.rates)), base=base)
     wall_s = time.perf_counter() - started
-    choice = recommend(scan)
+    choice = recommend(scan, target=args.target_maxvio, window=args.window)
     traces = strategies + scan
     tokens = sum(t.tokens for t in traces)
     # CPU time, not wall time: other processes share the machine. With one

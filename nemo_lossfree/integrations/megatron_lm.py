@@ -40,7 +40,7 @@ import dataclasses
 import functools
 from typing import Any, Callable, Optional
 
-from nemo_lossfree.config import SCHEDULES, UPDATE_RULES, LossFreeConfig
+from nemo_lossfree.config import DEFAULT_RATES, SCHEDULES, UPDATE_RULES, LossFreeConfig
 
 LOSS_FREE = "loss_free"
 BALANCING_TYPE_DEST = "moe_router_load_balancing_type"
@@ -104,7 +104,6 @@ def add_lossfree_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     The returned parser normalises its result right after parsing (see
     ``normalize_args``), before Megatron's ``validate_args`` sees it.
     """
-    defaults = LossFreeConfig()
     group = parser.add_argument_group(title="loss-free load balancing (nemo_lossfree)")
     group.add_argument("--lossfree", action="store_true",
                        help="Enable auxiliary-loss-free load balancing (LossFreeRouter + "
@@ -112,14 +111,18 @@ def add_lossfree_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     for f in dataclasses.fields(LossFreeConfig):
         if f.name in _NOT_FLAGS:
             continue
-        default = getattr(defaults, f.name)
+        # The declared default (update_rate's None means "the rule's own").
+        default = f.default
         help_text = f"LossFreeConfig.{f.name} (default: {default})."
+        if f.name == "update_rate":
+            help_text = ("LossFreeConfig.update_rate (default: the rule's: "
+                         + ", ".join(f"{rule} {rate:g}" for rule, rate in DEFAULT_RATES.items()) + ").")
         if f.type == "bool":
             group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,
                                default=default, help=help_text)
         elif f.name in _CHOICES:
             group.add_argument(_flag(f.name), choices=_CHOICES[f.name], default=default, help=help_text)
-        elif f.type == "float":
+        elif f.type in ("float", "Optional[float]"):
             group.add_argument(_flag(f.name), type=float, default=default, help=help_text)
         elif f.type == "int":
             group.add_argument(_flag(f.name), type=int, default=default, help=help_text)

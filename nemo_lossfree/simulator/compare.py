@@ -7,14 +7,20 @@ The strategies (all at the same base rate u):
 - ``proportional``: ``b += u * (mean - c) / mean``, re-centered;
 - ``inverse_time``: ``centered`` with ``u / (1 + t / decay_steps)``;
 - ``warmup``: ``centered`` ramped up over ``warmup_steps``;
-- ``freeze``: ``centered`` frozen (rate 0) after ``freeze_after_steps``.
+- ``freeze``: ``centered`` frozen (rate 0) after ``freeze_after_steps``;
+- ``quantile``: quantile balancing on the step's margin histogram, re-centered,
+  taking the fraction ``QUANTILE_FRACTION`` of the balancing move (the
+  default ``LossFreeConfig``; step-size free, so ``rate`` does not apply).
 
-Recommendation: over a grid of rates, the one with the smallest cumulative
-regret (sum of MaxVio_batch over the simulated steps, see ``dynamics``) for
-the chosen rule, centering and schedule. Regret weighs both halves of the
-trade-off: a small rate balances slowly (large early MaxVio), a large one
-oscillates around balance (large late MaxVio). The horizon matters: a longer
-run favours smaller rates, so simulate as many steps as the phase you tune.
+Recommendation: over a grid of rates, for the chosen rule, centering and
+schedule, the rates whose trace reaches the target (mean MaxVio_batch over a
+window <= target) are preferred to those that never do, and among them the
+one with the smallest cumulative regret (sum of MaxVio_batch over the
+simulated steps, see ``dynamics``); when none reaches it, the smallest regret.
+Regret weighs both halves of the trade-off: a small rate balances slowly
+(large early MaxVio), a large one oscillates around balance (large late
+MaxVio). The horizon matters: a longer run favours smaller rates, so simulate
+as many steps as the phase you tune.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from nemo_lossfree.config import LossFreeConfig
 from nemo_lossfree.simulator.dynamics import Trace, simulate
 from nemo_lossfree.simulator.environment import Environment
 
-STRATEGIES = ("sign", "centered", "proportional", "inverse_time", "warmup", "freeze")
+STRATEGIES = ("sign", "centered", "proportional", "inverse_time", "warmup", "freeze", "quantile")
+QUANTILE_FRACTION = 0.5
 DEFAULT_RATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 
 
@@ -39,9 +46,12 @@ def strategy_config(name: str, *, rate: float, steps: int) -> LossFreeConfig:
         "inverse_time": dict(update_rule="sign", center=True, schedule="inverse_time", decay_steps=tenth),
         "warmup": dict(update_rule="sign", center=True, schedule="linear_warmup", warmup_steps=tenth),
         "freeze": dict(update_rule="sign", center=True, freeze_after_steps=max(1, steps // 2)),
+        "quantile": dict(update_rule="quantile", center=True),
     }
     if name not in configs:
         raise ValueError(f"strategy: must be one of {', '.join(STRATEGIES)}; got {name!r}")
+    if name == "quantile":
+        rate = QUANTILE_FRACTION
     return LossFreeConfig(update_rate=rate, **configs[name])
 
 
@@ -59,14 +69,18 @@ def scan_rates(env: Environment, rates: Sequence[float], *, base: LossFreeConfig
     return traces
 
 
-def recommend(traces: Sequence[Trace]) -> dict:
-    """The rate of the trace with the smallest cumulative regret, and why."""
+def recommend(traces: Sequence[Trace], *, target: float, window: int = 10) -> dict:
+    """The rate to use, and why: reaching ``target`` first, then the smallest regret."""
     if not traces:
         raise ValueError("rates: need at least one rate to choose from")
-    best = min(traces, key=lambda t: t.regret())
+    reaching = [t for t in traces if t.steps_to_target(target, window) is not None]
+    best = min(reaching or traces, key=lambda t: t.regret())
+    criterion = "smallest cumulative regret (sum of MaxVio_batch over the simulated steps)"
     return {
         "update_rate": best.config.update_rate,
-        "criterion": "smallest cumulative regret (sum of MaxVio_batch over the simulated steps)",
+        "criterion": (f"reaches MaxVio_batch {target:g} (mean over {window} steps), then " + criterion
+                      if reaching else f"no rate reaches MaxVio_batch {target:g}; " + criterion),
         "cumulative_regret": best.regret(),
         "steady_maxvio": best.steady_maxvio(),
+        "steps_to_target": best.steps_to_target(target, window),
     }

@@ -86,7 +86,12 @@ def simulate(env: Environment, config: LossFreeConfig, *, name: str = "",
     integral_E = torch.zeros_like(bias_E)
     started, started_cpu = time.perf_counter(), time.process_time()
     for step in range(steps):
-        counts_E = env.counts(step, bias_E)
+        histogram = None
+        if config.update_rule == "quantile":
+            histogram = env.histogram(step, bias_E).double()
+            counts_E = histogram[:, 0, : histogram.shape[-1] // 2].sum(-1)  # mass below 0
+        else:
+            counts_E = env.counts(step, bias_E)
         rate = scheduled_rate(config, step)
         trace.maxvio.append(float(max_violation(counts_E)))
         trace.rate.append(rate)
@@ -94,6 +99,7 @@ def simulate(env: Environment, config: LossFreeConfig, *, name: str = "",
         bias_E, integral_E = compute_bias_update_with_integral(
             counts_E, bias_E, integral_E, rate=rate, rule=config.update_rule,
             center=config.center, gain=config.integral_gain, decay=config.integral_decay,
+            histogram=histogram,
         )
         bias_E = bias_E.float()
         trace.bias_mean.append(float(bias_E.mean()))

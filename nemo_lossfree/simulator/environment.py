@@ -92,6 +92,11 @@ class Environment:
         engine = self.engines[step % len(self.engines)]
         return engine.counts(bias_E.float() + self.offsets_SE[step], self.blocks[step])
 
+    def histogram(self, step: int, bias_E: torch.Tensor) -> torch.Tensor:
+        """``[E, 2, B]`` margin histogram at ``step`` under ``bias_E`` (the quantile rule's input)."""
+        engine = self.engines[step % len(self.engines)]
+        return engine.histogram(bias_E.float() + self.offsets_SE[step], self.blocks[step])
+
     @property
     def fallback_tokens(self) -> int:
         return sum(e.fallback_tokens for e in self.engines)

@@ -123,6 +123,25 @@ class CandidateTopK:
         chosen_TK[rows_U] = torch.topk(full_UE, self.topk, dim=1, sorted=False)[1].int()
         return chosen_TK
 
+    def histogram(self, offset_E: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """``[E, 2, B]`` margin histogram of top-K over ``scores + offset_E`` (the quantile rule).
+
+        Routes every token over all experts: the margins need every expert's
+        score, not only the candidates' (about 10x the cost of ``counts``).
+        """
+        from nemo_lossfree.update import margin_histogram, selection_margins
+
+        offset_E = offset_E.float()
+        total = None
+        for block in blocks.tolist():
+            start, stop = self._span(block)
+            biased_TE = self.rows(start, stop) + offset_E
+            selected_TE = torch.zeros_like(biased_TE, dtype=torch.bool)
+            selected_TE.scatter_(1, torch.topk(biased_TE, self.topk, dim=1).indices, True)
+            hist = margin_histogram(selection_margins(biased_TE, selected_TE, self.topk))
+            total = hist if total is None else total + hist
+        return total
+
     def counts(self, offset_E: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """float64 ``[E]`` tokens per expert of top-K over ``scores + offset_E``.
 
