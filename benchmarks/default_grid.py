@@ -14,8 +14,9 @@ default is tuned on: the default is a fixed ``LossFreeConfig()``, the same for
 all.
 
 Priorities (the order jobs run in): the default and the 1e-2 auxiliary loss at
-the first seed on every setting, then Megatron-Core's two built-ins, then the
-other seeds, then candidate rules for comparison.
+the first seed on every setting, then Megatron-Core's quantile balancing, then
+the other seeds, then Megatron-Core's expert bias, then other candidate rules
+for comparison.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ CANDIDATES = {
 def jobs() -> list[tuple[str, int, str]]:
     first, rest = SEEDS[0], SEEDS[1:]
     order = [(s, first, c) for c in ("default", "aux_loss") for s in SETTINGS]
-    order += [(s, first, c) for c in ("megatron_qb", "megatron_bias") for s in SETTINGS]
+    order += [(s, first, "megatron_qb") for s in SETTINGS]
     order += [(s, seed, c) for seed in rest for s in SETTINGS for c in ("default", "aux_loss")]
+    order += [(s, first, "megatron_bias") for s in SETTINGS]
     order += [(s, first, c) for c in ("proportional", "quantile_1.0", "quantile_0.25") for s in SETTINGS]
     return order
 
