@@ -14,6 +14,7 @@ from nemo_lossfree.update import (
     MARGIN_BINS,
     MARGIN_EDGES,
     compute_bias_update,
+    margin_bins,
     margin_histogram,
     quantile_step,
     selection_margins,
@@ -33,7 +34,7 @@ def _histogram(scores_TE, bias_E, topk, weight_T=None, **margins):
 
 
 def _bin_of(values):
-    return torch.bucketize(values.float(), torch.tensor(MARGIN_EDGES), right=True)
+    return margin_bins(values.float())
 
 
 def test_equals_qb_dual_update_where_the_bins_separate_the_tokens(single_rank):
@@ -100,6 +101,14 @@ def test_exact_cutoffs_balance_faster_than_upstreams():
             _, selected = _route(scores_TE, bias_E, K)
             after[upstream] = float(max_violation(selected.sum(0).double()))
         assert after[False] < 0.5 * after[True], (T, E, K, after)
+
+
+def test_margin_bins_are_the_edges_buckets():
+    gen = torch.Generator().manual_seed(8)
+    values = torch.randn(100_000, generator=gen) * 10 ** torch.empty(100_000).uniform_(-7, 1, generator=gen)
+    edges = torch.tensor(MARGIN_EDGES)
+    values = torch.cat([values, edges, -edges, torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e3, -1e3])])
+    assert torch.equal(margin_bins(values).long(), torch.bucketize(values, edges, right=True))
 
 
 def test_histogram_mass_below_zero_is_the_count_and_padding_adds_nothing():
