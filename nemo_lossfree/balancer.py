@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from nemo_lossfree import metrics as lf_metrics
 from nemo_lossfree.config import LossFreeConfig
-from nemo_lossfree.router import LossFreeRouter
+from nemo_lossfree.router import LossFreeRouter, refuse_upstream_expert_bias
 from nemo_lossfree.update import compute_bias_update, compute_bias_update_with_integral, scheduled_rate
 
 logger = logging.getLogger(__name__)
@@ -77,10 +77,8 @@ class LossFreeBalancer:
         self.config = config if config is not None else LossFreeConfig()
         if not isinstance(self.config, LossFreeConfig):
             raise TypeError(f"config: must be a LossFreeConfig, got {type(self.config).__name__}")
-        if self.routers[0].config.moe_router_enable_expert_bias:
-            raise ValueError(
-                "moe_router_enable_expert_bias: must be False when LossFreeBalancer is used"
-            )
+        for transformer_config in {id(r.config): r.config for r in self.routers}.values():
+            refuse_upstream_expert_bias(transformer_config, "LossFreeBalancer")
         self.process_group = process_group if process_group is not None else self._router_group()
         self.steps_done = 0
         self.last_metrics: dict[str, float] = {}

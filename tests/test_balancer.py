@@ -119,6 +119,19 @@ def test_state_dict_round_trip(pg_collection, caplog):
     assert "differs from the checkpoint" in caplog.text
 
 
+@pytest.mark.parametrize("value", [True, 1, "true", "false", "0", ""])
+def test_refuses_megatron_expert_bias_flag_unless_plainly_off(pg_collection, value):
+    # Megatron-Core's finalize_model_grads updates every router's expert_bias when the
+    # flag is truthy ("false" is); only False, None and 0 are plainly off.
+    model = routers_with_expert_counts(pg_collection, [8, 8])
+    model[1].config.moe_router_enable_expert_bias = value
+    with pytest.raises(ValueError, match=r"^moe_router_enable_expert_bias: must be False"):
+        LossFreeBalancer(model)
+    for off in (False, None, 0):
+        model[1].config.moe_router_enable_expert_bias = off
+        LossFreeBalancer(model)
+
+
 def test_runs_inside_megatron_schedule_through_finalize_model_grads(single_rank):
     """attach() puts the update in Megatron's own training step (DDP + schedule)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
