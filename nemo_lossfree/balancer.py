@@ -246,6 +246,11 @@ class LossFreeBalancer:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "steps_done" not in state:
+            raise ValueError(
+                "state['steps_done']: missing; expected a LossFreeBalancer.state_dict() "
+                f"(keys steps_done, config, integrals), got keys {sorted(state)}"
+            )
         self.steps_done = int(state["steps_done"])
         integrals = state.get("integrals")
         if integrals is not None:

@@ -119,6 +119,13 @@ def test_state_dict_round_trip(pg_collection, caplog):
     assert "differs from the checkpoint" in caplog.text
 
 
+def test_load_state_dict_names_a_missing_key(pg_collection):
+    balancer = LossFreeBalancer(routers_with_expert_counts(pg_collection, [8]))
+    with pytest.raises(ValueError, match=r"^state\['steps_done'\]: missing; "):
+        balancer.load_state_dict({})
+    assert balancer.steps_done == 0
+
+
 @pytest.mark.parametrize("value", [True, 1, "true", "false", "0", ""])
 def test_refuses_megatron_expert_bias_flag_unless_plainly_off(pg_collection, value):
     # Megatron-Core's finalize_model_grads updates every router's expert_bias when the
