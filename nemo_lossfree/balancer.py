@@ -132,15 +132,27 @@ class LossFreeBalancer:
         """Apply one update from this global batch's counts; return metrics.
 
         Metrics (``lossfree/...``) are returned every ``config.log_every`` steps
-        and are identical on all ranks of the replica group. Raises
-        ``FloatingPointError`` on non-finite counts (after the reduction, so
-        every rank raises together).
+        and are identical on all ranks of the replica group.
+
+        Non-finite counts (or margin histograms) after the reduction drop the
+        batch on every rank together: no bias or integral moves, the routers'
+        counts and histograms are zeroed, ``steps_done`` does not advance (the
+        schedule resumes where it was), one warning is logged and
+        ``FloatingPointError`` is raised so the caller sees it. The next batch
+        with finite counts updates normally: a caller that catches the error
+        and carries on needs nothing else.
         """
         routers = self._active()
         if not routers:
             return {}
         flat = self.reduce_counts(routers)
         if not torch.isfinite(flat).all():
+            # Left in place, the NaNs would poison every later step too.
+            self._clear(routers)
+            logger.warning(
+                "LossFreeBalancer: non-finite expert counts at step %d; the batch's counts were "
+                "dropped and no expert bias moved", self.steps_done,
+            )
             raise FloatingPointError(
                 "LossFreeBalancer.step: non-finite expert counts after the all-reduce; "
                 "refusing to update the expert bias"
@@ -173,11 +185,7 @@ class LossFreeBalancer:
                 dead.extend(lf_metrics.dead_expert_fraction(counts_LE).tolist())
                 for i, value in zip(indices, vio_L):
                     result[f"lossfree/maxvio_batch_layer_{layer_id(routers[i], i)}"] = value
-        torch._foreach_zero_([r.local_tokens_per_expert for r in routers])
-        if self.uses_margins:
-            torch._foreach_zero_([r.local_margin_histogram for r in routers])
-        for router in routers:
-            router.forwards_since_update = 0
+        self._clear(routers)
         if log_now:
             result.update(
                 lf_metrics.summarize(maxvio, [r.expert_bias for r in routers], dead)
@@ -186,6 +194,14 @@ class LossFreeBalancer:
             self.last_metrics = result
         self.steps_done += 1
         return result
+
+    def _clear(self, routers: Sequence[LossFreeRouter]) -> None:
+        """Start the routers' next global batch: zero counts and histograms."""
+        torch._foreach_zero_([r.local_tokens_per_expert for r in routers])
+        if self.uses_margins:
+            torch._foreach_zero_([r.local_margin_histogram for r in routers])
+        for router in routers:
+            router.forwards_since_update = 0
 
     def _update_biases(self, routers: Sequence[LossFreeRouter], counts_LE: torch.Tensor,
                        rate: float, hist_LE2B: Optional[torch.Tensor] = None) -> None:
