@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from nemo_lossfree import metrics as lf_metrics
 from nemo_lossfree.config import LossFreeConfig
-from nemo_lossfree.router import LossFreeRouter
+from nemo_lossfree.router import LossFreeRouter, refuse_upstream_expert_bias
 from nemo_lossfree.update import compute_bias_update, compute_bias_update_with_integral, scheduled_rate
 
 logger = logging.getLogger(__name__)
@@ -77,10 +77,8 @@ class LossFreeBalancer:
         self.config = config if config is not None else LossFreeConfig()
         if not isinstance(self.config, LossFreeConfig):
             raise TypeError(f"config: must be a LossFreeConfig, got {type(self.config).__name__}")
-        if self.routers[0].config.moe_router_enable_expert_bias:
-            raise ValueError(
-                "moe_router_enable_expert_bias: must be False when LossFreeBalancer is used"
-            )
+        for transformer_config in {id(r.config): r.config for r in self.routers}.values():
+            refuse_upstream_expert_bias(transformer_config, "LossFreeBalancer")
         self.process_group = process_group if process_group is not None else self._router_group()
         self.steps_done = 0
         self.last_metrics: dict[str, float] = {}
@@ -134,15 +132,27 @@ class LossFreeBalancer:
         """Apply one update from this global batch's counts; return metrics.
 
         Metrics (``lossfree/...``) are returned every ``config.log_every`` steps
-        and are identical on all ranks of the replica group. Raises
-        ``FloatingPointError`` on non-finite counts (after the reduction, so
-        every rank raises together).
+        and are identical on all ranks of the replica group.
+
+        Non-finite counts (or margin histograms) after the reduction drop the
+        batch on every rank together: no bias or integral moves, the routers'
+        counts and histograms are zeroed, ``steps_done`` does not advance (the
+        schedule resumes where it was), one warning is logged and
+        ``FloatingPointError`` is raised so the caller sees it. The next batch
+        with finite counts updates normally: a caller that catches the error
+        and carries on needs nothing else.
         """
         routers = self._active()
         if not routers:
             return {}
         flat = self.reduce_counts(routers)
         if not torch.isfinite(flat).all():
+            # Left in place, the NaNs would poison every later step too.
+            self._clear(routers)
+            logger.warning(
+                "LossFreeBalancer: non-finite expert counts at step %d; the batch's counts were "
+                "dropped and no expert bias moved", self.steps_done,
+            )
             raise FloatingPointError(
                 "LossFreeBalancer.step: non-finite expert counts after the all-reduce; "
                 "refusing to update the expert bias"
@@ -175,11 +185,7 @@ class LossFreeBalancer:
                 dead.extend(lf_metrics.dead_expert_fraction(counts_LE).tolist())
                 for i, value in zip(indices, vio_L):
                     result[f"lossfree/maxvio_batch_layer_{layer_id(routers[i], i)}"] = value
-        torch._foreach_zero_([r.local_tokens_per_expert for r in routers])
-        if self.uses_margins:
-            torch._foreach_zero_([r.local_margin_histogram for r in routers])
-        for router in routers:
-            router.forwards_since_update = 0
+        self._clear(routers)
         if log_now:
             result.update(
                 lf_metrics.summarize(maxvio, [r.expert_bias for r in routers], dead)
@@ -188,6 +194,14 @@ class LossFreeBalancer:
             self.last_metrics = result
         self.steps_done += 1
         return result
+
+    def _clear(self, routers: Sequence[LossFreeRouter]) -> None:
+        """Start the routers' next global batch: zero counts and histograms."""
+        torch._foreach_zero_([r.local_tokens_per_expert for r in routers])
+        if self.uses_margins:
+            torch._foreach_zero_([r.local_margin_histogram for r in routers])
+        for router in routers:
+            router.forwards_since_update = 0
 
     def _update_biases(self, routers: Sequence[LossFreeRouter], counts_LE: torch.Tensor,
                        rate: float, hist_LE2B: Optional[torch.Tensor] = None) -> None:
@@ -248,6 +262,11 @@ class LossFreeBalancer:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "steps_done" not in state:
+            raise ValueError(
+                "state['steps_done']: missing; expected a LossFreeBalancer.state_dict() "
+                f"(keys steps_done, config, integrals), got keys {sorted(state)}"
+            )
         self.steps_done = int(state["steps_done"])
         integrals = state.get("integrals")
         if integrals is not None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 UPDATE_RULES = ("quantile", "sign", "proportional")
 #: ``update_rate`` when it is not given: each rule's rate means something else
@@ -21,8 +22,23 @@ DEFAULT_RATES = {"quantile": 0.5, "sign": 1e-3, "proportional": 1e-2}
 SCHEDULES = ("constant", "inverse_time", "cosine", "linear_warmup")
 
 
+#: Spellings of true and false read from strings (YAML, key=value overrides).
+_TRUE_STRINGS = ("true", "yes", "on", "1")
+_FALSE_STRINGS = ("false", "no", "off", "0")
+
+
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    # numbers.Real takes numpy scalars (np.float32 is no float subclass) and not np.bool_.
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _plain_number(annotation: str, value: Any) -> Any:
+    """A validated numpy (or other real) scalar as the plain Python float or int the field holds."""
+    if annotation in ("float", "Optional[float]") and _is_number(value):
+        return float(value)
+    if annotation in ("int", "Optional[int]") and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value
 
 
 def _check_rate(name: str, value: Any) -> None:
@@ -33,7 +49,7 @@ def _check_rate(name: str, value: Any) -> None:
 def _check_steps(name: str, value: Any, *, optional: bool = False, minimum: int = 0) -> None:
     if optional and value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         allowed = f"an integer >= {minimum}" + (" or null" if optional else "")
         raise ValueError(f"{name}: must be {allowed}, got {value!r}")
 
@@ -64,8 +80,8 @@ def _coerce(annotation: str, value: Any) -> Any:
             return int(text)
     except ValueError:
         return value
-    if annotation == "bool" and text.lower() in ("true", "false", "1", "0", "yes", "no"):
-        return text.lower() in ("true", "1", "yes")
+    if annotation == "bool" and text.lower() in _TRUE_STRINGS + _FALSE_STRINGS:
+        return text.lower() in _TRUE_STRINGS
     return value
 
 
@@ -75,7 +91,14 @@ class LossFreeConfig:
 
     After each global batch every MoE layer's bias moves by
     ``rate(step) * direction(counts)``; see ``nemo_lossfree.update``.
+
+    Assigning a field re-validates the whole config (the checks relate
+    fields), so a config that passed stays valid; a refused assignment
+    changes nothing.
     """
+
+    # Set once __post_init__ has validated the fields (an instance attribute, no field).
+    _validated: ClassVar[bool] = False
 
     #: Turns the feature on where a framework config carries a ``lossfree:`` section.
     enabled: bool = True
@@ -124,12 +147,28 @@ class LossFreeConfig:
     #: Record metrics every this many balancer steps.
     log_every: int = 1
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not self._validated or name not in _FIELD_TYPES:
+            object.__setattr__(self, name, value)
+            return
+        checked = type(self)(**dict(self._values(), **{name: value}))  # raises naming the field
+        object.__setattr__(self, name, getattr(checked, name))
+
+    def _values(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _FIELD_TYPES}
+
     def __post_init__(self) -> None:
+        self._check()  # on the values as given, so that messages quote them
+        for name, annotation in _FIELD_TYPES.items():
+            object.__setattr__(self, name, _plain_number(annotation, getattr(self, name)))
+        object.__setattr__(self, "_validated", True)
+
+    def _check(self) -> None:
         if not isinstance(self.enabled, bool):
             raise ValueError(f"lossfree.enabled: must be true or false, got {self.enabled!r}")
         _check_choice("lossfree.update_rule", self.update_rule, UPDATE_RULES)
         if self.update_rate is None:
-            self.update_rate = DEFAULT_RATES[self.update_rule]
+            object.__setattr__(self, "update_rate", DEFAULT_RATES[self.update_rule])
         _check_rate("lossfree.update_rate", self.update_rate)
         if self.update_rule == "quantile" and self.update_rate > 1:
             raise ValueError(
@@ -176,3 +215,7 @@ class LossFreeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+#: Field name -> annotation (a string: ``from __future__ import annotations``).
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(LossFreeConfig)}

@@ -15,11 +15,16 @@ import torch.distributed as dist
 
 
 def max_violation(counts: torch.Tensor) -> torch.Tensor:
-    """MaxVio over the last dimension; 0 where a row has no tokens at all."""
+    """MaxVio over the last dimension; 0 where a row has no tokens at all.
+
+    NaN where a row holds a non-finite count: such counts say nothing about
+    balance, and 0.0 would read as perfect balance.
+    """
     counts = counts.float()
     mean = counts.mean(dim=-1)
     excess = counts.amax(dim=-1) - mean
-    return torch.where(mean > 0, excess / mean.clamp(min=1e-12), torch.zeros_like(mean))
+    vio = torch.where(mean > 0, excess / mean.clamp(min=1e-12), torch.zeros_like(mean))
+    return torch.where(torch.isfinite(counts).all(dim=-1), vio, torch.full_like(vio, float("nan")))
 
 
 def dead_expert_fraction(counts: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,23 @@ UNBALANCED_FORWARDS_WARNING = 4096
 logger = logging.getLogger(__name__)
 
 
+def refuse_upstream_expert_bias(config, user: str) -> None:
+    """Refuse ``moe_router_enable_expert_bias`` unless it is plainly off (False, None or 0).
+
+    Megatron-Core reads the flag by truthiness in ``finalize_model_grads``
+    and would then move our ``expert_bias`` a second time; a string such as
+    "false" is truthy there, so only the plain off values pass.
+    """
+    value = getattr(config, "moe_router_enable_expert_bias", False)
+    if value is None or (not isinstance(value, str) and value == 0):
+        return
+    raise ValueError(
+        f"moe_router_enable_expert_bias: must be False (or None, 0) with {user}, got {value!r}; "
+        "the loss-free balancer owns the expert-bias update (Megatron-Core's "
+        "finalize_model_grads would apply a second one). Configure the update through LossFreeConfig."
+    )
+
+
 class _CommitCountsOnBackward(torch.autograd.Function):
     """Identity on the gate weights; adds this forward's counts when its backward runs.
 
@@ -81,13 +98,7 @@ class LossFreeRouter(TopKRouter):
     """
 
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False) -> None:
-        if config.moe_router_enable_expert_bias:
-            raise ValueError(
-                "moe_router_enable_expert_bias: must be False with LossFreeRouter; the "
-                "loss-free balancer owns the expert-bias update (Megatron-Core's "
-                "finalize_model_grads would apply a second one). Set it to False and "
-                "configure the update through LossFreeConfig."
-            )
+        refuse_upstream_expert_bias(config, "LossFreeRouter")
         routing_type = config.moe_router_load_balancing_type
         types = routing_type if isinstance(routing_type, list) else [routing_type]
         bad = [t for t in types if t in _UNSUPPORTED_BALANCING]

@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from nemo_lossfree.config import UPDATE_RULES, LossFreeConfig
+from nemo_lossfree.config import UPDATE_RULES, LossFreeConfig, _check_rate
 
 
 # ---------------------------------------------------------------- margins
@@ -166,11 +166,11 @@ def rule_step(counts: torch.Tensor, *, rate: float, rule: str = "sign",
     "quantile": ``u * quantile_step(histogram)``, u in (0, 1] the fraction of
     the way to the batch's balancing bias (upstream's quantile-balancing EMA e
     is u = 1 - e).
-    The result keeps the counts' precision (float64 counts from the balancer's
-    reduction keep differences of one token visible past 2**24 tokens).
+    Computed, and returned, in float64 whatever the counts' dtype: a float16
+    sum overflows past 65504 tokens (an all-NaN bias), a float32 one rounds
+    single tokens away past 2**24.
     """
-    if not counts.is_floating_point():
-        counts = counts.double()
+    counts = counts.double()
     # The mean as sum / E, as Megatron-Core computes it (bit-identical sign rule).
     mean = counts.sum(dim=-1, keepdim=True) / counts.shape[-1]
     offset = mean - counts
@@ -195,6 +195,14 @@ def _centered(bias: torch.Tensor, center: bool) -> torch.Tensor:
     # constant, so centering changes no routing decision; it stops the
     # common-mode drift.
     return bias - bias.mean(dim=-1, keepdim=True) if center else bias
+
+
+def _check_inputs(counts: torch.Tensor, rate: float) -> None:
+    # A NaN rate or count would turn into a NaN bias (or, through sign(), a
+    # silent zero step); a negative rate moves every bias the wrong way.
+    _check_rate("rate", rate)
+    if not torch.isfinite(counts).all():
+        raise ValueError(f"counts: must be finite, got non-finite values in {tuple(counts.shape)} counts")
 
 
 def _has_tokens(counts: torch.Tensor) -> torch.Tensor:
@@ -222,12 +230,16 @@ def compute_bias_update(
         histogram: ``[..., E, 2, B]`` margin histogram (the quantile rule only).
 
     With ``rule="sign", center=False`` the result is bit-identical to
-    Megatron-Core's ``get_updated_expert_bias`` without its all-reduce. A
+    Megatron-Core's ``get_updated_expert_bias`` without its all-reduce
+    wherever its float32 sum and mean are exact (it computes in the counts'
+    dtype, this in float64). A
     layer without tokens keeps its bias, and ``rate == 0`` returns ``bias``
-    bit for bit.
+    bit for bit. Raises ``ValueError`` for a rate that is not a finite number
+    >= 0 and for non-finite counts.
     """
     if counts.shape != bias.shape:
         raise ValueError(f"counts and bias must have the same shape, got {counts.shape} and {bias.shape}")
+    _check_inputs(counts, rate)
     if rate == 0:
         return bias
     step = rule_step(counts, rate=rate, rule=rule, histogram=histogram)
@@ -263,6 +275,7 @@ def compute_bias_update_with_integral(
             "counts, bias and integral must have the same shape, got "
             f"{counts.shape}, {bias.shape} and {integral.shape}"
         )
+    _check_inputs(counts, rate)
     if gain == 0 or rate == 0:
         return compute_bias_update(counts, bias, rate=rate, rule=rule, center=center,
                                    histogram=histogram), integral

@@ -1,12 +1,14 @@
 """LossFreeBalancer on one rank: grouping, skipping, errors, Megatron's training schedule."""
 
+import logging
+
 import pytest
 import torch
 
 from nemo_lossfree import LossFreeBalancer, LossFreeConfig
 from nemo_lossfree.router import LossFreeRouter
 from nemo_lossfree.testing.models import gpt_moe_model, moe_transformer_config
-from nemo_lossfree.update import compute_bias_update
+from nemo_lossfree.update import compute_bias_update, margin_histogram, selection_margins
 
 
 def routers_with_expert_counts(pg_collection, counts):
@@ -54,6 +56,48 @@ def test_non_finite_counts_raise(pg_collection):
     with pytest.raises(FloatingPointError, match="non-finite expert counts"):
         balancer.step()
     assert model[0].expert_bias.abs().sum() == 0
+
+
+def _quantile_batch(router, seed=0, tokens=64):
+    """Fill one router with a batch's counts and margin histogram, as the router records them."""
+    experts = router.local_tokens_per_expert.numel()
+    scores_TE = torch.rand(tokens, experts, generator=torch.Generator().manual_seed(seed))
+    selected_TE = torch.zeros(tokens, experts, dtype=torch.bool)
+    selected_TE.scatter_(1, scores_TE.topk(2, dim=-1).indices, True)
+    router.local_tokens_per_expert.copy_(selected_TE.sum(dim=0).float())
+    router.local_margin_histogram.copy_(margin_histogram(selection_margins(scores_TE, selected_TE, 2)))
+
+
+def test_non_finite_counts_are_dropped_and_the_next_step_works(pg_collection, caplog):
+    # The NaN counts stayed in place, so every later step raised too.
+    model = routers_with_expert_counts(pg_collection, [8, 8])
+    balancer = LossFreeBalancer(model)  # the quantile rule: histograms travel with the counts
+    for seed, router in enumerate(model):
+        _quantile_batch(router, seed)
+    model[1].local_tokens_per_expert[3] = float("nan")
+    caplog.set_level(logging.WARNING, logger="nemo_lossfree.balancer")
+    with pytest.raises(FloatingPointError, match="non-finite expert counts"):
+        balancer.step()
+    for router in model:
+        assert router.expert_bias.abs().sum() == 0  # no layer moved, the finite one neither
+        assert router.local_tokens_per_expert.abs().sum() == 0
+        assert router.local_margin_histogram.abs().sum() == 0
+    assert balancer.steps_done == 0 and balancer.last_metrics == {}
+    warnings_seen = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings_seen) == 1 and "dropped" in warnings_seen[0].getMessage()
+
+    for seed, router in enumerate(model):
+        _quantile_batch(router, seed + 10)
+    expected = [
+        compute_bias_update(r.local_tokens_per_expert.double(), r.expert_bias.clone(), rate=0.5, rule="quantile",
+                            center=True, histogram=r.local_margin_histogram.double())
+        for r in model
+    ]
+    metrics = balancer.step()
+    assert balancer.steps_done == 1 and "lossfree/maxvio_batch" in metrics
+    for router, bias in zip(model, expected):
+        assert router.expert_bias.abs().sum() > 0
+        assert torch.equal(router.expert_bias, bias)
 
 
 def test_frozen_and_eval_routers_are_left_alone(pg_collection):
@@ -117,6 +161,26 @@ def test_state_dict_round_trip(pg_collection, caplog):
     changed = LossFreeBalancer(model, LossFreeConfig(update_rule="sign", update_rate=0.2))
     changed.load_state_dict(state)
     assert "differs from the checkpoint" in caplog.text
+
+
+def test_load_state_dict_names_a_missing_key(pg_collection):
+    balancer = LossFreeBalancer(routers_with_expert_counts(pg_collection, [8]))
+    with pytest.raises(ValueError, match=r"^state\['steps_done'\]: missing; "):
+        balancer.load_state_dict({})
+    assert balancer.steps_done == 0
+
+
+@pytest.mark.parametrize("value", [True, 1, "true", "false", "0", ""])
+def test_refuses_megatron_expert_bias_flag_unless_plainly_off(pg_collection, value):
+    # Megatron-Core's finalize_model_grads updates every router's expert_bias when the
+    # flag is truthy ("false" is); only False, None and 0 are plainly off.
+    model = routers_with_expert_counts(pg_collection, [8, 8])
+    model[1].config.moe_router_enable_expert_bias = value
+    with pytest.raises(ValueError, match=r"^moe_router_enable_expert_bias: must be False"):
+        LossFreeBalancer(model)
+    for off in (False, None, 0):
+        model[1].config.moe_router_enable_expert_bias = off
+        LossFreeBalancer(model)
 
 
 def test_runs_inside_megatron_schedule_through_finalize_model_grads(single_rank):

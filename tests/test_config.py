@@ -1,5 +1,8 @@
+import copy
+import dataclasses
 import math
 
+import numpy as np
 import pytest
 
 from nemo_lossfree import LossFreeConfig
@@ -75,3 +78,67 @@ def test_a_rule_without_a_rate_gets_its_own_rate():
     assert LossFreeConfig(update_rule="sign", update_rate=2e-3).update_rate == 2e-3
     config = LossFreeConfig(update_rule="sign")
     assert LossFreeConfig.from_dict(config.to_dict()) == config
+
+
+def test_numpy_numbers_are_accepted_as_plain_python_numbers():
+    # np.float32 was refused while np.float64 (a float subclass) passed.
+    cfg = LossFreeConfig(update_rule="sign", update_rate=np.float32(1e-3), min_update_rate=np.float16(0),
+                         integral_gain=np.float64(0.1), integral_decay=np.float32(0.5),
+                         warmup_steps=np.int64(10), decay_steps=np.int32(50), freeze_after_steps=np.uint16(7),
+                         log_every=np.int8(2))
+    assert cfg.update_rate == float(np.float32(1e-3)) and cfg.warmup_steps == 10 and cfg.freeze_after_steps == 7
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        assert type(value) in (bool, str, int, float), (f.name, type(value))
+    assert type(cfg.warmup_steps) is int and type(cfg.integral_gain) is float
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("update_rate", True, "lossfree.update_rate: must be a finite number >= 0, got True"),
+        ("update_rate", np.bool_(True), "lossfree.update_rate: must be a finite number >= 0"),
+        ("warmup_steps", np.float64(10), "lossfree.warmup_steps: must be an integer >= 0"),
+        ("log_every", True, "lossfree.log_every: must be an integer >= 1, got True"),
+    ],
+)
+def test_bools_and_floats_are_not_counts_or_rates(field, value, message):
+    with pytest.raises(ValueError) as err:
+        LossFreeConfig(**{field: value})
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("field", ["center", "enabled"])
+def test_string_booleans_read_the_same_for_every_bool_field(field):
+    # "yes" passed but "off" failed.
+    for text, value in [("true", True), ("false", False), ("yes", True), ("no", False), ("on", True),
+                        ("off", False), ("1", True), ("0", False), (" TRUE ", True), ("Off", False)]:
+        assert getattr(LossFreeConfig.from_dict({field: text}), field) is value, text
+    for text in ("maybe", "", "2", "nope"):
+        with pytest.raises(ValueError, match=rf"^lossfree.{field}: must be true or false, got "):
+            LossFreeConfig.from_dict({field: text})
+
+
+def test_assignment_is_validated():
+    # A validated config could be mutated into an invalid one.
+    cfg = LossFreeConfig()
+    with pytest.raises(ValueError, match=r"^lossfree.update_rate: must be a finite number >= 0, got -5$"):
+        cfg.update_rate = -5
+    with pytest.raises(ValueError, match=r"^lossfree.update_rate: must be in \[0, 1\] with update_rule quantile"):
+        cfg.update_rate = 2.0
+    with pytest.raises(ValueError, match=r"^lossfree.center: must be true or false"):
+        cfg.center = "off"
+    with pytest.raises(ValueError, match=r"^lossfree.min_update_rate: must be <= lossfree.update_rate"):
+        cfg.min_update_rate = 0.9
+    assert cfg == LossFreeConfig()  # a refused assignment changes nothing
+    cfg.update_rate = np.float32(0.25)
+    assert cfg.update_rate == 0.25 and type(cfg.update_rate) is float
+    cfg.log_every = np.int64(5)
+    assert type(cfg.log_every) is int
+    cfg.update_rate = None  # the rule's own rate, as at construction
+    assert cfg.update_rate == 0.5
+    assert set(cfg.to_dict()) == {f.name for f in dataclasses.fields(cfg)}
+    clone = copy.deepcopy(cfg)
+    assert clone == cfg
+    with pytest.raises(ValueError, match=r"^lossfree.warmup_steps: must be an integer >= 0"):
+        clone.warmup_steps = -1

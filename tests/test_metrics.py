@@ -21,3 +21,12 @@ def test_dead_experts_and_summary():
     assert out["lossfree/bias_mean"] == 0.0
     assert out["lossfree/bias_std"] == pytest.approx(5.0 ** 0.5)
     assert out["lossfree/dead_expert_fraction"] == pytest.approx(0.25)
+
+
+def test_max_violation_is_nan_where_counts_are_not_finite():
+    # NaN counts are no evidence of balance: NaN, never 0.0 (perfect balance).
+    nan, inf = float("nan"), float("inf")
+    counts = torch.tensor([[10.0, nan, 20.0, 20.0], [5.0, 5.0, 5.0, 5.0], [-inf, 1.0, 1.0, 1.0], [inf, 1.0, 1.0, 1.0]])
+    vio = max_violation(counts).tolist()
+    assert vio[1] == 0.0
+    assert all(v != v for v in (vio[0], vio[2], vio[3]))

@@ -211,9 +211,13 @@ def test_bf16_inputs_count_in_float32(pg_collection):
     assert router.local_tokens_per_expert.sum().item() == 2400 * 4
 
 
-def test_refuses_megatron_expert_bias_flag(pg_collection):
-    with pytest.raises(ValueError, match="moe_router_enable_expert_bias: must be False"):
-        LossFreeRouter(make_config(expert_bias=True), pg_collection=pg_collection)
+@pytest.mark.parametrize("value", [True, 1, "true", "false", ""])
+def test_refuses_megatron_expert_bias_flag(pg_collection, value):
+    # Anything but False, None or 0: Megatron-Core reads the flag by truthiness ("false" is on).
+    with pytest.raises(ValueError, match=r"^moe_router_enable_expert_bias: must be False"):
+        LossFreeRouter(make_config(expert_bias=value), pg_collection=pg_collection)
+    for off in (False, None, 0):
+        LossFreeRouter(make_config(expert_bias=off), pg_collection=pg_collection)
 
 
 def test_refuses_sinkhorn(pg_collection):

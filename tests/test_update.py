@@ -172,3 +172,42 @@ def test_integral_follows_a_drifting_router():
     tracked = _drifting_router_maxvio(0.1)
     assert plain > 0.15
     assert tracked < plain / 3
+
+
+def test_float16_counts_past_its_largest_value_still_update():
+    # The sum (80000) overflows float16 (max 65504): computed in float16 the mean
+    # is inf and every bias NaN. Counts are computed in float64 whatever their dtype.
+    counts = torch.tensor([[10000.0, 30000.0, 20000.0, 20000.0]], dtype=torch.float16)
+    sign = compute_bias_update(counts, torch.zeros(1, 4), rate=0.5, rule="sign")
+    assert sign.tolist() == [[0.5, -0.5, 0.0, 0.0]]
+    proportional = compute_bias_update(counts, torch.zeros(1, 4), rate=1.0, rule="proportional")
+    assert torch.allclose(proportional, torch.tensor([[0.5, -0.5, 0.0, 0.0]]))
+    with_integral, _ = compute_bias_update_with_integral(
+        counts, torch.zeros(1, 4), torch.zeros(1, 4), rate=1.0, rule="proportional", gain=0.5, decay=0.9
+    )
+    assert torch.isfinite(with_integral).all()
+
+
+@pytest.mark.parametrize("rate", [math.nan, math.inf, -1e-3, "fast"])
+def test_invalid_rates_are_refused(rate):
+    counts = torch.tensor([[10.0, 30.0, 20.0, 20.0]])
+    bias = torch.zeros(1, 4)
+    message = r"^rate: must be a finite number >= 0, got "
+    with pytest.raises(ValueError, match=message):
+        compute_bias_update(counts, bias, rate=rate)
+    for gain in (0.0, 0.5):
+        with pytest.raises(ValueError, match=message):
+            compute_bias_update_with_integral(counts, bias, torch.zeros(1, 4), rate=rate, gain=gain, decay=0.9)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_counts_are_refused(bad):
+    # A NaN count gave a zero step without a word; the caller must hear of it.
+    counts = torch.tensor([[10.0, 30.0, 20.0, 20.0], [1.0, 2.0, 3.0, 4.0]])
+    counts[1, 2] = bad
+    bias = torch.zeros(2, 4)
+    for rule in ("sign", "proportional"):
+        with pytest.raises(ValueError, match=r"^counts: must be finite"):
+            compute_bias_update(counts, bias, rate=1e-3, rule=rule)
+    with pytest.raises(ValueError, match=r"^counts: must be finite"):
+        compute_bias_update_with_integral(counts, bias, torch.zeros(2, 4), rate=1e-3, gain=0.5, decay=0.9)
