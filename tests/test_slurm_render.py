@@ -357,3 +357,22 @@ def test_cli_rejects_bad_input_with_the_key(tmp_path, argv, message):
     proc = _cli("--config", "tiny.yaml", "--dry-run", *argv, cwd=tmp_path)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_tiny_cpu_configs_worker_flags_are_exactly_its_lossfree_section():
+    """What validates is what runs: the job's worker reads the YAML's section, nothing merged in.
+
+    (The demo once merged its own loss-free defaults into the worker's flags,
+    and a job of configs/tiny-cpu.yaml failed with min_update_rate > update_rate.)
+    """
+    from nemo_lossfree import LossFreeConfig
+    from nemo_lossfree.demo.settings import settings_from_args
+    from nemo_lossfree.demo.worker import build_parser
+    from nemo_lossfree.launch.config_file import read_run_config
+    from nemo_lossfree.launch.payload import worker_flags
+
+    config = read_run_config("configs/tiny-cpu.yaml", [])
+    flags = worker_flags(config, world_size=2)
+    args = build_parser().parse_args(["--arm", "loss_free", "--out", "/tmp/unused", *flags])
+    settings = settings_from_args(args)
+    assert settings.lossfree_config == LossFreeConfig.from_dict(config["lossfree"])
