@@ -21,7 +21,14 @@ import torch.distributed as dist
 from nemo_lossfree import metrics as lf_metrics
 from nemo_lossfree.config import LossFreeConfig
 from nemo_lossfree.router import LossFreeRouter, refuse_upstream_expert_bias
-from nemo_lossfree.update import compute_bias_update, compute_bias_update_with_integral, scheduled_rate
+from nemo_lossfree.update import (
+    adaptive_quantile_update,
+    adaptive_state,
+    compute_bias_update,
+    compute_bias_update_with_integral,
+    rule_step,
+    scheduled_rate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +94,10 @@ class LossFreeBalancer:
         # buffer: checkpoints without it (upstream's, older runs') still load.
         self.integrals: list[torch.Tensor] = [torch.zeros_like(r.expert_bias) for r in self.routers]
         self._router_index = {id(r): j for j, r in enumerate(self.routers)}
+        # The adaptive gain's per-router history (schedule "adaptive"); balancer
+        # state like the integrals, saved by state_dict().
+        self.adaptive = [adaptive_state(1, r.expert_bias.numel()) for r in self.routers]
+        self.last_gains: list[float] = []
         self.uses_margins = self.config.update_rule == "quantile"
         for router in self.routers:
             router.balancer_attached = True
@@ -190,8 +201,11 @@ class LossFreeBalancer:
             result.update(
                 lf_metrics.summarize(maxvio, [r.expert_bias for r in routers], dead)
             )
-            result["lossfree/update_rate"] = rate
+            result["lossfree/update_rate"] = (
+                sum(self.last_gains) / len(self.last_gains) if self.last_gains else rate
+            )
             self.last_metrics = result
+        self.last_gains = []
         self.steps_done += 1
         return result
 
@@ -209,7 +223,22 @@ class LossFreeBalancer:
         cfg = self.config
         bias_LE = torch.stack([r.expert_bias for r in routers])
         rule = dict(rate=rate, rule=cfg.update_rule, center=cfg.center, histogram=hist_LE2B)
-        if cfg.integral_gain == 0:
+        if cfg.schedule == "adaptive":
+            slots = [self._router_index[id(r)] for r in routers]
+            state = {key: torch.cat([self.adaptive[j][key].to(bias_LE.device) for j in slots])
+                     for key in self.adaptive[slots[0]]}
+            move_LE = rule_step(counts_LE, rate=1.0, rule="quantile", histogram=hist_LE2B)
+            updated_LE, new_state, gain_L1 = adaptive_quantile_update(
+                bias_LE, move_LE, state, ceiling=rate, floor=cfg.min_update_rate, center=cfg.center
+            )
+            # A layer that saw no token keeps its bias and its history.
+            has_tokens_L1 = counts_LE.sum(-1, keepdim=True) > 0
+            updated_LE = torch.where(has_tokens_L1, updated_LE, bias_LE)
+            for n, j in enumerate(slots):
+                if bool(has_tokens_L1[n]):
+                    self.adaptive[j] = {key: value[n : n + 1] for key, value in new_state.items()}
+            self.last_gains.extend(gain_L1.squeeze(-1).tolist())
+        elif cfg.integral_gain == 0:
             updated_LE = compute_bias_update(counts_LE, bias_LE, **rule)
         else:
             slots = [self._router_index[id(r)] for r in routers]
@@ -259,6 +288,8 @@ class LossFreeBalancer:
         state: dict[str, Any] = {"steps_done": self.steps_done, "config": self.config.to_dict()}
         if self.config.integral_gain > 0:
             state["integrals"] = [t.detach().cpu().clone() for t in self.integrals]
+        if self.config.schedule == "adaptive":
+            state["adaptive"] = [{k: v.detach().cpu().clone() for k, v in a.items()} for a in self.adaptive]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -268,6 +299,13 @@ class LossFreeBalancer:
                 f"(keys steps_done, config, integrals), got keys {sorted(state)}"
             )
         self.steps_done = int(state["steps_done"])
+        adaptive = state.get("adaptive")
+        if adaptive is not None:
+            if len(adaptive) != len(self.adaptive) or any(
+                a["x"].shape != mine["x"].shape for a, mine in zip(adaptive, self.adaptive)
+            ):
+                raise ValueError("state['adaptive']: does not match this model's routers")
+            self.adaptive = [{k: v.clone() for k, v in a.items()} for a in adaptive]
         integrals = state.get("integrals")
         if integrals is not None:
             shapes = [tuple(t.shape) for t in self.integrals]

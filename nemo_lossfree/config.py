@@ -19,7 +19,7 @@ UPDATE_RULES = ("quantile", "sign", "proportional")
 #: (a fraction of the balancing move; bias units per step; bias units per
 #: relative overload), so a rule chosen without a rate gets its own.
 DEFAULT_RATES = {"quantile": 0.5, "sign": 1e-3, "proportional": 1e-2}
-SCHEDULES = ("constant", "inverse_time", "cosine", "linear_warmup")
+SCHEDULES = ("constant", "inverse_time", "cosine", "linear_warmup", "adaptive")
 
 
 #: Spellings of true and false read from strings (YAML, key=value overrides).
@@ -193,6 +193,16 @@ class LossFreeConfig:
             )
         _check_steps("lossfree.freeze_after_steps", self.freeze_after_steps, optional=True)
         _check_steps("lossfree.log_every", self.log_every, minimum=1)
+        if self.schedule == "adaptive" and self.update_rule != "quantile":
+            raise ValueError(
+                "lossfree.schedule: adaptive needs update_rule quantile (it filters the quantile "
+                f"rule's balancing biases), got update_rule {self.update_rule!r}"
+            )
+        if self.schedule == "adaptive" and self.integral_gain:
+            raise ValueError(
+                "lossfree.integral_gain: must be 0 with schedule adaptive (the adaptive gain already "
+                f"follows drift), got {self.integral_gain!r}"
+            )
         if self.schedule == "linear_warmup" and self.warmup_steps == 0:
             raise ValueError(
                 "lossfree.warmup_steps: must be >= 1 when lossfree.schedule is linear_warmup, got 0"

@@ -286,6 +286,79 @@ def compute_bias_update_with_integral(
     return torch.where(keep, bias, updated), torch.where(keep, integral, new_integral)
 
 
+# ---------------------------------------------------------- adaptive gain
+#: Memory of the adaptive gain's moment estimates, in steps (EMA 1 - 1/M).
+ADAPTIVE_MEMORY_STEPS = 20
+
+
+def local_level_gain(noise_var: torch.Tensor, drift_var: torch.Tensor) -> torch.Tensor:
+    """Steady-state Kalman gain of a random walk observed in white noise.
+
+    The batch's balancing bias ``x_t`` is read as ``a_t + e_t``: a level
+    ``a_t`` that drifts (``a_t = a_{t-1} + w_t``, variance ``drift_var``) seen
+    through count noise ``e_t`` (variance ``noise_var``). The best linear
+    filter is an EMA with gain ``K = p / (p + 1)``, ``p = (r + sqrt(r^2 +
+    4r)) / 2``, ``r = drift_var / noise_var`` (Muth 1960): follow fast when
+    the router drifts, average many batches when the counts are noisy.
+    """
+    r = drift_var / noise_var.clamp(min=1e-30)
+    p = (r + torch.sqrt(r * r + 4 * r)) / 2
+    return torch.where(noise_var > 0, p / (p + 1), torch.ones_like(p))
+
+
+def adaptive_quantile_update(
+    bias: torch.Tensor,
+    step: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    *,
+    ceiling: float,
+    floor: float,
+    center: bool,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """The quantile step with a gain per layer measured from the step's own history.
+
+    ``step`` is ``quantile_step``'s ``[L, E]`` move, so ``x = bias + step``
+    (centered) is this batch's balancing bias. Successive differences
+    ``d_t = x_t - x_{t-1}`` of a random walk in noise have variance
+    ``q + 2 s`` and lag-1 covariance ``-s`` (``q`` drift, ``s`` noise
+    variance); both are tracked per layer over the experts with an EMA of
+    ``ADAPTIVE_MEMORY_STEPS`` steps, and the gain is ``local_level_gain(s,
+    q)`` clamped to ``[floor, ceiling]`` (``ceiling`` until two differences
+    are known). Returns ``(bias, state, gain_L1)``; ``state`` holds
+    ``x``, ``d``, ``var``, ``cov`` and ``seen`` (steps observed), all tensors.
+    """
+    x = _centered(bias.double() + step.double(), True)
+    seen = state["seen"]
+    d = x - state["x"]
+    memory = 1.0 - 1.0 / ADAPTIVE_MEMORY_STEPS
+    has_d = seen >= 1
+    has_pair = seen >= 2
+    var = torch.where(has_d, memory * state["var"] + (1 - memory) * (d * d).mean(-1, keepdim=True),
+                      state["var"])
+    cov = torch.where(has_pair, memory * state["cov"] + (1 - memory) * (d * state["d"]).mean(-1, keepdim=True),
+                      state["cov"])
+    # Debiased EMAs (they start at 0).
+    var_hat = var / (1 - memory ** (seen.clamp(min=1)).double())
+    pairs = (seen - 1).clamp(min=1).double()
+    cov_hat = cov / (1 - memory ** pairs)
+    noise = (-cov_hat).clamp(min=0)
+    drift = (var_hat - 2 * noise).clamp(min=0)
+    gain = local_level_gain(noise, drift).clamp(floor, ceiling)
+    gain = torch.where(seen >= 3, gain, torch.full_like(gain, ceiling))
+    updated = _centered(bias + (gain * step.double()).to(bias.dtype), center)
+    new_state = {"x": x, "d": torch.where(has_d, d, torch.zeros_like(d)), "var": var, "cov": cov,
+                 "seen": seen + 1}
+    return updated, new_state, gain
+
+
+def adaptive_state(layers: int, experts: int, device=None) -> dict[str, torch.Tensor]:
+    """The empty state of ``adaptive_quantile_update`` for ``[layers, experts]``."""
+    zeros = dict(dtype=torch.float64, device=device)
+    return {"x": torch.zeros(layers, experts, **zeros), "d": torch.zeros(layers, experts, **zeros),
+            "var": torch.zeros(layers, 1, **zeros), "cov": torch.zeros(layers, 1, **zeros),
+            "seen": torch.zeros(layers, 1, dtype=torch.int64, device=device)}
+
+
 def scheduled_rate(config: LossFreeConfig, step: int) -> float:
     """Step size for balancer step ``step`` (0 for the first update).
 
@@ -307,7 +380,7 @@ def scheduled_rate(config: LossFreeConfig, step: int) -> float:
     if config.warmup_steps and step < config.warmup_steps:
         return u * (step + 1) / config.warmup_steps
     t = step - config.warmup_steps
-    if config.schedule in ("constant", "linear_warmup"):
+    if config.schedule in ("constant", "linear_warmup", "adaptive"):  # adaptive: u is the ceiling
         return u
     if config.schedule == "inverse_time":
         rate = u / (1.0 + t / config.decay_steps)

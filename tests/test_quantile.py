@@ -208,3 +208,65 @@ def test_mixed_expert_counts_under_the_quantile_rule(pg_collection):
     for router, bias in zip(routers, expected):
         assert torch.equal(router.expert_bias, bias)
         assert router.local_margin_histogram.sum() == 0
+
+
+def test_local_level_gain_limits():
+    from nemo_lossfree.update import local_level_gain
+
+    noise = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    drift = torch.tensor([0.0, 1.0, 1e6, 1.0])
+    gain = local_level_gain(noise, drift)
+    assert gain[0] == 0  # no drift: average forever
+    assert gain[1] == pytest.approx((5**0.5 - 1) / 2)  # r = 1: the golden ratio's inverse
+    assert gain[2] > 0.999 and gain[3] == 1  # drift dominates / no noise: follow each batch
+
+
+@pytest.mark.parametrize("drift, noise", [(1e-6, 1e-4), (1e-4, 1e-6), (1e-5, 1e-5)])
+def test_adaptive_gain_finds_the_best_filter_of_a_drifting_noisy_target(drift, noise):
+    """The quantile estimates as a random walk seen through noise: the gain approaches Kalman's."""
+    from nemo_lossfree.update import adaptive_quantile_update, adaptive_state, local_level_gain
+
+    gen = torch.Generator().manual_seed(0)
+    level, bias, state = torch.zeros(1, 64), torch.zeros(1, 64), adaptive_state(1, 64)
+    gains = []
+    for _ in range(300):
+        level = level + torch.randn(1, 64, generator=gen) * drift**0.5
+        observed = level + torch.randn(1, 64, generator=gen) * noise**0.5
+        bias, state, gain = adaptive_quantile_update(bias, observed - bias, state, ceiling=1.0,
+                                                     floor=0.0, center=False)
+        gains.append(float(gain))
+    ideal = float(local_level_gain(torch.tensor(noise), torch.tensor(drift)))
+    settled = sum(gains[-100:]) / 100
+    assert abs(settled - ideal) < 0.1 + 0.3 * ideal, (settled, ideal)
+    assert gains[0] == 1.0  # the ceiling until the history says more
+
+
+def test_adaptive_schedule_state_round_trips_and_is_refused_without_the_quantile_rule(pg_collection):
+    with pytest.raises(ValueError, match="lossfree.schedule: adaptive needs update_rule quantile"):
+        LossFreeConfig(update_rule="sign", schedule="adaptive")
+    with pytest.raises(ValueError, match="lossfree.integral_gain: must be 0 with schedule adaptive"):
+        LossFreeConfig(schedule="adaptive", integral_gain=0.1)
+    config = LossFreeConfig(schedule="adaptive", update_rate=1.0, min_update_rate=0.05)
+    x = torch.randn(64, 4, 32, generator=torch.Generator().manual_seed(9)) + 1.0
+
+    def run(balancer, routers, steps):
+        gains = []
+        for _ in range(steps):
+            for router in routers:
+                probs, _ = router(x)
+                probs.sum().backward()
+            gains.append(balancer.step()["lossfree/update_rate"])
+        return gains
+
+    routers = torch.nn.ModuleList([_router(pg_collection, experts=8), _router(pg_collection, experts=16)])
+    balancer = LossFreeBalancer(routers, config)
+    gains = run(balancer, routers, 5)
+    assert gains[:3] == [1.0, 1.0, 1.0] and all(0.05 <= g <= 1.0 for g in gains)
+    saved = balancer.state_dict()
+    biases = [r.expert_bias.clone() for r in routers]
+    after = run(balancer, routers, 3)
+    resumed = LossFreeBalancer(routers, config)
+    for router, bias in zip(routers, biases):
+        router.expert_bias.copy_(bias)
+    resumed.load_state_dict(saved)
+    assert run(resumed, routers, 3) == after
