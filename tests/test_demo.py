@@ -131,13 +131,23 @@ def test_report_command_prints_the_table(demo_run):
         (["--lossfree", "update_rule=cubic"], "lossfree.update_rule: must be one of quantile, sign, proportional"),
         (["--dense-layers", "-1"], "dense_layers: must be an integer >= 0, got -1"),
         (["--lossfree", "integral_decay=1"], "lossfree.integral_decay: must be a number in [0, 1), got 1.0"),
+        (["--lr", "-1"], "lr: must be a finite number > 0, got -1.0"),
+        (["--lr", "nan"], "lr: must be a finite number > 0, got nan"),
+        (["--lr", "1e-3", "--min-lr", "2e-3"], "min_lr: must be a finite number in [0, lr (0.001)], got 0.002"),
+        (["--min-lr", "-0.0001"], "min_lr: must be a finite number in [0, lr (0.003)], got -0.0001"),
+        (["--lr-warmup-steps", "-5"], "lr_warmup_steps: must be an integer >= 0, got -5"),
     ],
 )
-def test_bad_options_are_refused_by_name(tmp_path, capsys, argv, message):
+def test_bad_options_are_refused_by_name(tmp_path, capsys, monkeypatch, argv, message):
     from nemo_lossfree.cli import main
+    from nemo_lossfree.demo import launcher
 
+    # Refused up front: no worker process may start (they would fail later, or train nonsense).
+    monkeypatch.setattr(launcher, "launch", lambda *a, **k: pytest.fail("a worker was started"))
     assert main(["demo", "--out", str(tmp_path), *argv]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_launcher_retries_when_its_port_is_taken(tmp_path, monkeypatch, capsys):

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from nemo_lossfree.config import LossFreeConfig
+
+
+def _finite_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
 
 @dataclass
 class DemoSettings:
@@ -50,7 +56,7 @@ class DemoSettings:
         positive = ("steps", "experts", "topk", "num_layers", "hidden_size", "num_attention_heads",
                     "moe_ffn_hidden_size", "seq_length", "micro_batch_size", "num_micro_batches",
                     "val_windows", "corpus_max_bytes")
-        minimums = {**{name: 1 for name in positive}, "dense_layers": 0}
+        minimums = {**{name: 1 for name in positive}, "dense_layers": 0, "lr_warmup_steps": 0}
         for name, minimum in minimums.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -66,6 +72,12 @@ class DemoSettings:
                 f"hidden_size: must be a multiple of num_attention_heads ({self.num_attention_heads}), "
                 f"got {self.hidden_size}"
             )
+        # Megatron's OptimizerParamScheduler asserts most of this too, but inside both
+        # workers: a bare AssertionError per rank, after the corpus and model are built.
+        if not _finite_number(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr: must be a finite number > 0, got {self.lr!r}")
+        if not _finite_number(self.min_lr) or not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr: must be a finite number in [0, lr ({self.lr})], got {self.min_lr!r}")
         if self.lr_decay_steps is not None and self.lr_decay_steps < 1:
             raise ValueError(f"lr_decay_steps: must be >= 1 or unset, got {self.lr_decay_steps}")
         LossFreeConfig.from_dict(self.lossfree)  # validate early, with field names
