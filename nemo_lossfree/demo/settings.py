@@ -2,7 +2,8 @@
 
 The same flags are read by ``nemo-lossfree demo`` (which passes them on) and by
 ``python -m nemo_lossfree.demo.worker``, so a SLURM or torchrun launch of the
-worker trains exactly what the demo trains.
+worker trains exactly what the demo trains, and both refuse the same bad flags
+(``DemoSettings`` and ``check_run``) before any rank joins the process group.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from nemo_lossfree.config import LossFreeConfig
+
+
+def _check_count(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
 
 
 def _finite_number(value: Any) -> bool:
@@ -58,9 +64,7 @@ class DemoSettings:
                     "val_windows", "corpus_max_bytes")
         minimums = {**{name: 1 for name in positive}, "dense_layers": 0, "lr_warmup_steps": 0}
         for name, minimum in minimums.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
+            _check_count(name, getattr(self, name), minimum)
         if self.topk > self.experts:
             raise ValueError(f"topk: must be <= experts ({self.experts}), got {self.topk}")
         if self.experts % 2:
@@ -173,3 +177,23 @@ def settings_to_argv(settings: DemoSettings) -> list[str]:
     for key, value in settings.lossfree.items():
         argv += ["--lossfree", f"{key}={value}"]
     return argv
+
+
+def check_run(settings: DemoSettings, *, save: Optional[str] = None, save_interval: Optional[int] = None,
+              threads: Optional[int] = None) -> None:
+    """Refuse the run flags that are only wrong together or on this file system.
+
+    ``nemo-lossfree demo`` calls it for every seed before it starts any worker, and
+    the worker calls it before it joins the process group: otherwise these fail
+    seconds later with a traceback from every rank, or not at all.
+    """
+    if threads is not None:  # nemo-lossfree demo's --threads (the workers read it from the environment)
+        _check_count("threads", threads, 1)
+    if save_interval is not None:
+        _check_count("save_interval", save_interval, 1)
+        if save is None:
+            raise ValueError(f"save_interval: must come with --save (the checkpoint root), "
+                             f"got --save-interval {save_interval} without --save")
+    from nemo_lossfree.demo.corpus import corpus_root
+
+    corpus_root(settings.corpus)

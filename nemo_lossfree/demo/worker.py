@@ -191,12 +191,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        from nemo_lossfree.demo.settings import settings_from_args
-
-        settings_from_args(args)
         from nemo_lossfree.demo.arms import parse_arms
+        from nemo_lossfree.demo.settings import check_run, settings_from_args
 
+        settings = settings_from_args(args)
         parse_arms(args.arm)
+        check_run(settings, save=args.save, save_interval=args.save_interval)
         rank, world, init_method = distributed_env(args)
     except ValueError as exc:
         print(f"nemo_lossfree.demo.worker: {exc}", file=sys.stderr)
