@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         for seed in seeds:
             seed_settings = dataclasses.replace(settings, seed=seed)
             seed_out, save, load = (_seed_path(path, seed, len(seeds)) for path in (args.out, args.save, args.load))
-            check_run(seed_settings, save=save, save_interval=args.save_interval, threads=args.threads)
+            check_run(seed_settings, arms, out=seed_out, save=save, save_interval=args.save_interval,
+                      load=load, threads=args.threads)
             runs.append((seed, seed_settings, Path(seed_out), save, load))
     except ValueError as exc:
         print(f"nemo-lossfree demo: {exc}", file=sys.stderr)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
 
 from nemo_lossfree.config import LossFreeConfig
 
@@ -179,13 +181,47 @@ def settings_to_argv(settings: DemoSettings) -> list[str]:
     return argv
 
 
-def check_run(settings: DemoSettings, *, save: Optional[str] = None, save_interval: Optional[int] = None,
+_UNSET = object()
+
+
+def _show(value: Any) -> str:
+    return "unset" if value is _UNSET else repr(value)
+
+
+def finished_arm(out: Union[str, Path], arm: str) -> Optional[dict]:
+    """``<out>/<arm>.json`` when it records a finished run (``--load`` skips that arm), else None."""
+    path = Path(out) / f"{arm}.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("finished") else None
+
+
+def _first_difference(recorded: Any, settings: DemoSettings) -> Optional[str]:
+    """``"name: recorded A, got B"`` for the first setting that differs, in field order."""
+    recorded = recorded if isinstance(recorded, dict) else {}
+    new = json.loads(json.dumps(settings.to_dict()))  # as the arm's JSON holds it
+    pairs = [(name, recorded.get(name, _UNSET), value) for name, value in new.items() if name != "lossfree"]
+    old_lossfree = recorded.get("lossfree") if isinstance(recorded.get("lossfree"), dict) else {}
+    keys = list(new["lossfree"]) + [k for k in old_lossfree if k not in new["lossfree"]]
+    pairs += [(f"lossfree.{k}", old_lossfree.get(k, _UNSET), new["lossfree"].get(k, _UNSET)) for k in keys]
+    for name, old, value in pairs:
+        if old != value:
+            return f"{name}: recorded {_show(old)}, got {_show(value)}"
+    return None
+
+
+def check_run(settings: DemoSettings, arms: Sequence[str], *, out: Union[str, Path],
+              save: Optional[str] = None, save_interval: Optional[int] = None, load: Optional[str] = None,
               threads: Optional[int] = None) -> None:
     """Refuse the run flags that are only wrong together or on this file system.
 
     ``nemo-lossfree demo`` calls it for every seed before it starts any worker, and
     the worker calls it before it joins the process group: otherwise these fail
-    seconds later with a traceback from every rank, or not at all.
+    seconds later with a traceback from every rank, or not at all (a mistyped
+    ``--load`` trained from step 0; a finished arm of other settings was skipped
+    and its old numbers reported under the new settings).
     """
     if threads is not None:  # nemo-lossfree demo's --threads (the workers read it from the environment)
         _check_count("threads", threads, 1)
@@ -197,3 +233,18 @@ def check_run(settings: DemoSettings, *, save: Optional[str] = None, save_interv
     from nemo_lossfree.demo.corpus import corpus_root
 
     corpus_root(settings.corpus)
+    if load is None:
+        return
+    # --load DIR --save DIR with no DIR yet is a first run that resumes once it
+    # has saved (how the SLURM jobs start: a requeued job finds its checkpoint).
+    resumes_its_own_save = save is not None and Path(save).resolve() == Path(load).resolve()
+    if not Path(load).is_dir() and not resumes_its_own_save:
+        raise ValueError(f"load: must be an existing checkpoint directory (or the --save path), got {load!r}")
+    for arm in arms:
+        recorded = finished_arm(out, arm)
+        difference = None if recorded is None else _first_difference(recorded.get("settings"), settings)
+        if difference is not None:
+            raise ValueError(
+                f"load: {Path(out) / f'{arm}.json'} is a finished {arm} run with other settings ({difference}); "
+                f"--load skips a finished arm only for the same settings: rerun with them, or use another --out"
+            )
