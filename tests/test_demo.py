@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from test_demo_support import TINY
+from test_demo_support import TINY, run_workers_to_exit
 
 # The fixture trains the default arms in 2 processes: seconds on idle cores, minutes on a loaded machine.
 pytestmark = pytest.mark.timeout(1200)
@@ -131,13 +131,50 @@ def test_report_command_prints_the_table(demo_run):
         (["--lossfree", "update_rule=cubic"], "lossfree.update_rule: must be one of quantile, sign, proportional"),
         (["--dense-layers", "-1"], "dense_layers: must be an integer >= 0, got -1"),
         (["--lossfree", "integral_decay=1"], "lossfree.integral_decay: must be a number in [0, 1), got 1.0"),
+        (["--lr", "-1"], "lr: must be a finite number > 0, got -1.0"),
+        (["--lr", "nan"], "lr: must be a finite number > 0, got nan"),
+        (["--lr", "1e-3", "--min-lr", "2e-3"], "min_lr: must be a finite number in [0, lr (0.001)], got 0.002"),
+        (["--min-lr", "-0.0001"], "min_lr: must be a finite number in [0, lr (0.003)], got -0.0001"),
+        (["--lr-warmup-steps", "-5"], "lr_warmup_steps: must be an integer >= 0, got -5"),
+        (["--save", "{tmp}/ckpt", "--save-interval", "0"], "save_interval: must be an integer >= 1, got 0"),
+        (["--save-interval", "5"],
+         "save_interval: must come with --save (the checkpoint root), got --save-interval 5 without --save"),
+        (["--threads", "0"], "threads: must be an integer >= 1, got 0"),
+        (["--corpus", "/nonexistent"],
+         "corpus: must be a text file or a directory of text files, got '/nonexistent'"),
     ],
 )
-def test_bad_options_are_refused_by_name(tmp_path, capsys, argv, message):
+def test_bad_options_are_refused_by_name(tmp_path, capsys, monkeypatch, argv, message):
     from nemo_lossfree.cli import main
+    from nemo_lossfree.demo import launcher
 
-    assert main(["demo", "--out", str(tmp_path), *argv]) == 2
-    assert message in capsys.readouterr().err
+    # Refused up front: no worker process may start (they would fail later, or train nonsense).
+    monkeypatch.setattr(launcher, "launch", lambda *a, **k: pytest.fail("a worker was started"))
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
+    assert main(["demo", "--out", str(tmp_path / "out"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--corpus", "/nonexistent"],
+         "corpus: must be a text file or a directory of text files, got '/nonexistent'"),
+        (["--save-interval", "0", "--save", "{tmp}/ckpt"], "save_interval: must be an integer >= 1, got 0"),
+    ],
+)
+def test_worker_refuses_bad_flags_before_joining(tmp_path, argv, message):
+    # torchrun/srun start the worker without the demo command: it must refuse
+    # the same flags itself, with one line per rank and no traceback.
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
+    codes, errs = run_workers_to_exit(["--arm", "loss_free", "--out", str(tmp_path / "out"), "--steps", "1",
+                                       *TINY, *argv])
+    assert codes == [2, 2], errs
+    for err in errs:
+        assert err.strip() == f"nemo_lossfree.demo.worker: {message}", err
 
 
 def test_launcher_retries_when_its_port_is_taken(tmp_path, monkeypatch, capsys):

@@ -54,6 +54,27 @@ def run_workers(argv: list[str], *, on_event: Optional[Callable[[dict, list], No
     return codes[0], codes[1], events
 
 
+def run_workers_to_exit(argv: list[str], *, timeout: float = 600) -> tuple[list[int], list[str]]:
+    """Start ranks 0 and 1 of the worker and wait, whatever they exit with: (codes, stderr per rank)."""
+    from nemo_lossfree.testing.distributed import free_port
+
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
+               PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "nemo_lossfree.demo.worker", *argv]
+    procs = [
+        subprocess.Popen(command, env=dict(env, RANK=str(rank)), text=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for rank in range(2)
+    ]
+    try:
+        errs = [p.communicate(timeout=timeout)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [p.returncode for p in procs], errs
+
+
 def send_usr1(procs) -> None:
     for p in procs:
         p.send_signal(signal.SIGUSR1)

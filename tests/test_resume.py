@@ -9,7 +9,7 @@ balancer's step drives an inverse-time rate schedule) and ``megatron_bias``
 from __future__ import annotations
 
 import pytest
-from test_demo_support import TINY, arm_json, run_workers, send_usr1
+from test_demo_support import TINY, arm_json, run_workers, run_workers_to_exit, send_usr1
 
 from nemo_lossfree.demo.worker import EXIT_STOPPED
 
@@ -67,3 +67,93 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path):
     assert arm_json(resumed, "loss_free")["balancer_state"]["steps_done"] == STEPS
     # The biases really moved (the equality above is not between zeros).
     assert any(abs(b) > 1e-3 for layer in want["final_bias"] for b in layer)
+
+
+def _finished_arm(out, arm: str, argv: list[str]) -> None:
+    """A finished ``<out>/<arm>.json`` as the worker records it, for the settings of ``argv``."""
+    import json
+
+    from nemo_lossfree.demo.settings import settings_from_args
+    from nemo_lossfree.demo.worker import build_parser
+
+    settings = settings_from_args(build_parser().parse_args(["--arm", arm, "--out", str(out), *argv]))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{arm}.json").write_text(json.dumps({"arm": arm, "finished": True, "steps_done": settings.steps,
+                                                 "settings": settings.to_dict()}))
+
+
+# (settings of the finished run, of the new run, the first setting that differs)
+OTHER_SETTINGS = [
+    (["--steps", "4"], ["--steps", "8"], "steps: recorded 4, got 8"),
+    (["--steps", "4", "--lossfree", "update_rate=0.25"], ["--steps", "4"],
+     "lossfree.update_rate: recorded 0.25, got unset"),
+]
+
+
+def _refused_by_the_command(tmp_path, capsys, monkeypatch, argv) -> str:
+    from nemo_lossfree.cli import main
+    from nemo_lossfree.demo import launcher
+
+    monkeypatch.setattr(launcher, "launch", lambda *a, **k: pytest.fail("a worker was started"))
+    assert main(["demo", "--quiet", "--arms", "loss_free", *TINY, *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("recorded, new, difference", OTHER_SETTINGS)
+def test_load_refuses_a_finished_arm_of_other_settings(tmp_path, capsys, monkeypatch, recorded, new, difference):
+    # --load skips a finished arm; with other settings that would leave the old
+    # numbers under the new run's settings.
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    ckpt.mkdir()
+    _finished_arm(out, "loss_free", [*TINY, *recorded])
+    err = _refused_by_the_command(tmp_path, capsys, monkeypatch,
+                                  ["--out", str(out), "--load", str(ckpt), *new])
+    assert f"{out / 'loss_free.json'} is a finished loss_free run with other settings ({difference})" in err
+
+
+def test_load_refuses_a_missing_path(tmp_path, capsys, monkeypatch):
+    missing = tmp_path / "no_such_ckpt"
+    err = _refused_by_the_command(tmp_path, capsys, monkeypatch,
+                                  ["--out", str(tmp_path / "out"), "--load", str(missing)])
+    assert f"load: must be an existing checkpoint directory (or the --save path), got '{missing}'" in err
+
+
+def test_load_of_the_same_settings_or_of_the_save_path_still_runs(tmp_path, monkeypatch):
+    # Today's behaviour stays: a finished arm of the same settings is skipped
+    # (by the worker), and --load DIR --save DIR with no DIR yet is a first run
+    # that resumes when requeued (the SLURM jobs' command line).
+    from nemo_lossfree.cli import main
+    from nemo_lossfree.demo import launcher
+
+    started = []
+    monkeypatch.setattr(launcher, "launch", lambda argv, *a, **k: started.append(argv) or 1)
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    _finished_arm(out, "loss_free", [*TINY, "--steps", "4", "--lossfree", "update_rate=0.25"])
+    ckpt.mkdir()
+    argv = ["demo", "--quiet", "--arms", "loss_free", *TINY, "--steps", "4", "--lossfree", "update_rate=0.25"]
+    assert main([*argv, "--out", str(out), "--load", str(ckpt)]) == 1
+    fresh = tmp_path / "fresh"
+    assert main([*argv, "--out", str(out), "--load", str(fresh), "--save", str(fresh)]) == 1
+    assert len(started) == 2
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("case", ["missing", "other_settings"])
+def test_worker_refuses_the_same_loads(tmp_path, case):
+    # torchrun/srun start the worker without the demo command: it must refuse
+    # these itself, once per rank and without a traceback.
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    if case == "missing":
+        message = f"load: must be an existing checkpoint directory (or the --save path), got '{ckpt}'"
+    else:
+        ckpt.mkdir()
+        _finished_arm(out, "loss_free", [*TINY, "--steps", "2"])
+        message = f"{out / 'loss_free.json'} is a finished loss_free run with other settings (steps: recorded 2, got 1)"
+    codes, errs = run_workers_to_exit(["--arm", "loss_free", "--out", str(out), "--load", str(ckpt),
+                                       *TINY, "--steps", "1"])
+    assert codes == [2, 2], errs
+    for err in errs:
+        assert err.startswith("nemo_lossfree.demo.worker: load: ") and message in err, err
+        assert len(err.strip().splitlines()) == 1, err

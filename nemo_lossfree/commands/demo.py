@@ -14,6 +14,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 
 def _seeds(text: str) -> list[int]:
@@ -24,6 +25,13 @@ def _seeds(text: str) -> list[int]:
     if not seeds or len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"expected distinct comma-separated integers, got {text!r}")
     return seeds
+
+
+def _seed_path(root: Optional[str], seed: int, n_seeds: int) -> Optional[str]:
+    """Where one seed's results or checkpoints go: ``<root>/seed_<S>`` when there are several."""
+    if root is None or n_seeds == 1:
+        return root
+    return str(Path(root) / f"seed_{seed}")
 
 
 def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -56,30 +64,34 @@ def run(args: argparse.Namespace) -> int:
     from nemo_lossfree.demo.pareto import describe
     from nemo_lossfree.demo.plots import plot_demo
     from nemo_lossfree.demo.results import collect, combine_seeds, format_table, write_json
-    from nemo_lossfree.demo.settings import settings_from_args, settings_to_argv
+    from nemo_lossfree.demo.settings import check_run, settings_from_args, settings_to_argv
     from nemo_lossfree.demo.worker import EXIT_STOPPED
 
+    out = Path(args.out)
     try:
         arms = parse_arms(args.arms)
         settings = settings_from_args(args)
+        seeds = args.seeds or [settings.seed]
+        # Every seed's run is checked before the first one starts: a bad flag
+        # must not surface after an hour of training the seeds before it.
+        runs = []
+        for seed in seeds:
+            seed_settings = dataclasses.replace(settings, seed=seed)
+            seed_out, save, load = (_seed_path(path, seed, len(seeds)) for path in (args.out, args.save, args.load))
+            check_run(seed_settings, arms, out=seed_out, save=save, save_interval=args.save_interval,
+                      load=load, threads=args.threads)
+            runs.append((seed, seed_settings, Path(seed_out), save, load))
     except ValueError as exc:
         print(f"nemo-lossfree demo: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    seeds = args.seeds or [settings.seed]
     start = time.perf_counter()
     per_seed = {}
-    for seed in seeds:
-        seed_settings = dataclasses.replace(settings, seed=seed)
-        seed_out = out if len(seeds) == 1 else out / f"seed_{seed}"
+    for seed, seed_settings, seed_out, save, load in runs:
         seed_out.mkdir(parents=True, exist_ok=True)
         worker_argv = ["--arm", ",".join(arms), "--out", str(seed_out), *settings_to_argv(seed_settings)]
-        for flag, value in (("--save", args.save), ("--save-interval", args.save_interval),
-                            ("--load", args.load)):
+        for flag, value in (("--save", save), ("--save-interval", args.save_interval), ("--load", load)):
             if value is not None:
-                if flag != "--save-interval" and len(seeds) > 1:
-                    value = str(Path(value) / f"seed_{seed}")
                 worker_argv += [flag, str(value)]
         code = launch(worker_argv, seed_out, quiet=args.quiet, threads=args.threads)
         if code == EXIT_STOPPED:

@@ -41,11 +41,21 @@ def default_corpus_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def corpus_root(path: Optional[str]) -> Path:
+    """The file or directory ``load_corpus`` reads; ValueError when there is none.
+
+    Also called before the workers start (``demo.settings.check_run``), so a
+    wrong ``--corpus`` is one line, not a traceback from every rank.
+    """
+    root = Path(path) if path else default_corpus_root()
+    if not (root.is_file() or root.is_dir()):
+        raise ValueError(f"corpus: must be a text file or a directory of text files, got {str(root)!r}")
+    return root
+
+
 def _text_files(root: Path) -> list[Path]:
     if root.is_file():
         return [root]
-    if not root.is_dir():
-        raise ValueError(f"corpus: {str(root)!r} is neither a file nor a directory")
     suffixes = (".py", ".txt", ".md", ".rst")
     files = [
         p for p in root.rglob("*")
@@ -66,7 +76,7 @@ def load_corpus(path: Optional[str] = None, *, max_bytes: int = DEFAULT_MAX_BYTE
 
     A single file is split by position instead: its last 1/VAL_EVERY is validation.
     """
-    root = Path(path) if path else default_corpus_root()
+    root = corpus_root(path)
     files = _text_files(root)
     train: list[bytes] = []
     val: list[bytes] = []

@@ -2,17 +2,31 @@
 
 The same flags are read by ``nemo-lossfree demo`` (which passes them on) and by
 ``python -m nemo_lossfree.demo.worker``, so a SLURM or torchrun launch of the
-worker trains exactly what the demo trains.
+worker trains exactly what the demo trains, and both refuse the same bad flags
+(``DemoSettings`` and ``check_run``) before any rank joins the process group.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
 
 from nemo_lossfree.config import LossFreeConfig
+
+
+def _check_count(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
+
+
+def _finite_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
 
 @dataclass
 class DemoSettings:
@@ -50,11 +64,9 @@ class DemoSettings:
         positive = ("steps", "experts", "topk", "num_layers", "hidden_size", "num_attention_heads",
                     "moe_ffn_hidden_size", "seq_length", "micro_batch_size", "num_micro_batches",
                     "val_windows", "corpus_max_bytes")
-        minimums = {**{name: 1 for name in positive}, "dense_layers": 0}
+        minimums = {**{name: 1 for name in positive}, "dense_layers": 0, "lr_warmup_steps": 0}
         for name, minimum in minimums.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
+            _check_count(name, getattr(self, name), minimum)
         if self.topk > self.experts:
             raise ValueError(f"topk: must be <= experts ({self.experts}), got {self.topk}")
         if self.experts % 2:
@@ -66,6 +78,12 @@ class DemoSettings:
                 f"hidden_size: must be a multiple of num_attention_heads ({self.num_attention_heads}), "
                 f"got {self.hidden_size}"
             )
+        # Megatron's OptimizerParamScheduler asserts most of this too, but inside both
+        # workers: a bare AssertionError per rank, after the corpus and model are built.
+        if not _finite_number(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr: must be a finite number > 0, got {self.lr!r}")
+        if not _finite_number(self.min_lr) or not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr: must be a finite number in [0, lr ({self.lr})], got {self.min_lr!r}")
         if self.lr_decay_steps is not None and self.lr_decay_steps < 1:
             raise ValueError(f"lr_decay_steps: must be >= 1 or unset, got {self.lr_decay_steps}")
         LossFreeConfig.from_dict(self.lossfree)  # validate early, with field names
@@ -161,3 +179,72 @@ def settings_to_argv(settings: DemoSettings) -> list[str]:
     for key, value in settings.lossfree.items():
         argv += ["--lossfree", f"{key}={value}"]
     return argv
+
+
+_UNSET = object()
+
+
+def _show(value: Any) -> str:
+    return "unset" if value is _UNSET else repr(value)
+
+
+def finished_arm(out: Union[str, Path], arm: str) -> Optional[dict]:
+    """``<out>/<arm>.json`` when it records a finished run (``--load`` skips that arm), else None."""
+    path = Path(out) / f"{arm}.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("finished") else None
+
+
+def _first_difference(recorded: Any, settings: DemoSettings) -> Optional[str]:
+    """``"name: recorded A, got B"`` for the first setting that differs, in field order."""
+    recorded = recorded if isinstance(recorded, dict) else {}
+    new = json.loads(json.dumps(settings.to_dict()))  # as the arm's JSON holds it
+    pairs = [(name, recorded.get(name, _UNSET), value) for name, value in new.items() if name != "lossfree"]
+    old_lossfree = recorded.get("lossfree") if isinstance(recorded.get("lossfree"), dict) else {}
+    keys = list(new["lossfree"]) + [k for k in old_lossfree if k not in new["lossfree"]]
+    pairs += [(f"lossfree.{k}", old_lossfree.get(k, _UNSET), new["lossfree"].get(k, _UNSET)) for k in keys]
+    for name, old, value in pairs:
+        if old != value:
+            return f"{name}: recorded {_show(old)}, got {_show(value)}"
+    return None
+
+
+def check_run(settings: DemoSettings, arms: Sequence[str], *, out: Union[str, Path],
+              save: Optional[str] = None, save_interval: Optional[int] = None, load: Optional[str] = None,
+              threads: Optional[int] = None) -> None:
+    """Refuse the run flags that are only wrong together or on this file system.
+
+    ``nemo-lossfree demo`` calls it for every seed before it starts any worker, and
+    the worker calls it before it joins the process group: otherwise these fail
+    seconds later with a traceback from every rank, or not at all (a mistyped
+    ``--load`` trained from step 0; a finished arm of other settings was skipped
+    and its old numbers reported under the new settings).
+    """
+    if threads is not None:  # nemo-lossfree demo's --threads (the workers read it from the environment)
+        _check_count("threads", threads, 1)
+    if save_interval is not None:
+        _check_count("save_interval", save_interval, 1)
+        if save is None:
+            raise ValueError(f"save_interval: must come with --save (the checkpoint root), "
+                             f"got --save-interval {save_interval} without --save")
+    from nemo_lossfree.demo.corpus import corpus_root
+
+    corpus_root(settings.corpus)
+    if load is None:
+        return
+    # --load DIR --save DIR with no DIR yet is a first run that resumes once it
+    # has saved (how the SLURM jobs start: a requeued job finds its checkpoint).
+    resumes_its_own_save = save is not None and Path(save).resolve() == Path(load).resolve()
+    if not Path(load).is_dir() and not resumes_its_own_save:
+        raise ValueError(f"load: must be an existing checkpoint directory (or the --save path), got {load!r}")
+    for arm in arms:
+        recorded = finished_arm(out, arm)
+        difference = None if recorded is None else _first_difference(recorded.get("settings"), settings)
+        if difference is not None:
+            raise ValueError(
+                f"load: {Path(out) / f'{arm}.json'} is a finished {arm} run with other settings ({difference}); "
+                f"--load skips a finished arm only for the same settings: rerun with them, or use another --out"
+            )

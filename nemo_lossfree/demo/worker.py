@@ -25,7 +25,9 @@ Flags:
                         optimizer, balancer state, data position, RNG states)
   --save-interval K     also save every K steps (with --save)
   --load DIR            resume each arm from <DIR>/<arm>/latest when it exists; arms
-                        whose <out>/<arm>.json is complete are skipped
+                        whose <out>/<arm>.json is complete are skipped (refused when
+                        it records other settings). DIR must exist unless it is the
+                        --save directory (a first run that resumes when requeued)
   --exit-after-steps K  save (with --save) and stop after step K, as on SIGUSR1
   --master-addr/--master-port, --expert-parallel (default 2), --progress
   and the model/training flags of nemo_lossfree.demo.settings (--experts, --topk,
@@ -39,7 +41,7 @@ requeue; the next run with ``--load`` continues exactly where it stopped.
 Exit codes:
   0   every arm finished; results written
   1   failure (exception)
-  2   bad flags or environment
+  2   bad flags or environment (one line per rank, before joining the process group)
   75  stopped early (SIGUSR1/SIGTERM or --exit-after-steps); checkpoint saved if --save
       was given: rerun with --load to continue (EX_TEMPFAIL: "try again")
 """
@@ -47,7 +49,6 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -128,16 +129,6 @@ class StopFlag:
         return bool(flag.item() > 0)
 
 
-def _arm_finished(out: Path, arm: str) -> bool:
-    path = out / f"{arm}.json"
-    if not path.exists():
-        return False
-    try:
-        return bool(json.loads(path.read_text()).get("finished"))
-    except (OSError, ValueError):
-        return False
-
-
 def train_arms(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
@@ -145,7 +136,7 @@ def train_arms(args: argparse.Namespace) -> int:
     from nemo_lossfree.demo.arms import parse_arms
     from nemo_lossfree.demo.corpus import load_corpus
     from nemo_lossfree.demo.results import ArmReporter
-    from nemo_lossfree.demo.settings import settings_from_args
+    from nemo_lossfree.demo.settings import finished_arm, settings_from_args
     from nemo_lossfree.demo.trainer import ArmTrainer, run_arm
 
     settings = settings_from_args(args)
@@ -157,8 +148,8 @@ def train_arms(args: argparse.Namespace) -> int:
     corpus = load_corpus(settings.corpus, max_bytes=settings.corpus_max_bytes)
     stop = StopFlag()
     for arm in arms:
-        if args.load and _arm_finished(out, arm):
-            continue
+        if args.load and finished_arm(out, arm) is not None:
+            continue  # of the same settings: main's check_run refused any other
         start = time.perf_counter()
         trainer = ArmTrainer(arm, settings, corpus)
         resumed_from: Optional[str] = None
@@ -191,12 +182,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        from nemo_lossfree.demo.settings import settings_from_args
-
-        settings_from_args(args)
         from nemo_lossfree.demo.arms import parse_arms
+        from nemo_lossfree.demo.settings import check_run, settings_from_args
 
-        parse_arms(args.arm)
+        settings = settings_from_args(args)
+        check_run(settings, parse_arms(args.arm), out=args.out, save=args.save,
+                  save_interval=args.save_interval, load=args.load)
         rank, world, init_method = distributed_env(args)
     except ValueError as exc:
         print(f"nemo_lossfree.demo.worker: {exc}", file=sys.stderr)
