@@ -122,3 +122,9 @@ def test_entry_point_rejects_a_bad_flag_before_importing_bridge(capsys):
 def test_import_object_accepts_both_spellings():
     assert bridge_pretrain.import_object("os.path:join") is bridge_pretrain.os.path.join
     assert bridge_pretrain.import_object("os.path.join") is bridge_pretrain.os.path.join
+
+
+def test_entry_point_names_the_flag_for_a_bad_config_file(capsys, tmp_path):
+    code = bridge_pretrain.main(["--recipe", "x", "--config-file", str(tmp_path)])
+    assert code == 2
+    assert capsys.readouterr().err == f"error: --config-file: {tmp_path}: is a directory, not a YAML file\n"

@@ -368,10 +368,9 @@ def test_the_tiny_cpu_configs_worker_flags_are_exactly_its_lossfree_section():
     from nemo_lossfree import LossFreeConfig
     from nemo_lossfree.demo.settings import settings_from_args
     from nemo_lossfree.demo.worker import build_parser
-    from nemo_lossfree.launch.config_file import read_run_config
-    from nemo_lossfree.launch.payload import worker_flags
+    from nemo_lossfree.launch.payload import load_config, worker_flags
 
-    config = read_run_config("configs/tiny-cpu.yaml", [])
+    config = load_config("configs/tiny-cpu.yaml", [])
     flags = worker_flags(config, world_size=2)
     args = build_parser().parse_args(["--arm", "loss_free", "--out", "/tmp/unused", *flags])
     settings = settings_from_args(args)

@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
-from nemo_lossfree.run_config import RunConfigError, load_run_config, split_sections
+from nemo_lossfree.run_config import ConfigFileError, RunConfigError, load_run_config, split_sections
 
 DEFAULT_FORWARD_STEP = "megatron.bridge.training.gpt_step:forward_step"
 
@@ -96,8 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         merged = load_run_config(args.config_file, args.overrides)
-    except FileNotFoundError:
-        print(f"error: --config-file: {args.config_file}: no such file", file=sys.stderr)
+    except ConfigFileError as exc:
+        print(f"error: --config-file: {exc}", file=sys.stderr)
         return 2
     except RunConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
