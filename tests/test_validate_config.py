@@ -221,3 +221,48 @@ def test_merge_keys_may_override_what_they_merge(tmp_path):
     path = tmp_path / "merge.yaml"
     path.write_text("base: &b {a: 1, b: 2}\nderived:\n  <<: *b\n  b: 3\n")
     assert read_yaml_file(path) == {"base": {"a": 1, "b": 2}, "derived": {"a": 1, "b": 3}}
+
+
+# ---- unknown model keys ------------------------------------------------------------
+
+def test_misspelt_model_key_in_an_override_is_refused_naming_it(capsys):
+    code, out, err = validate(capsys, "model.moe_router_topkk=99")
+    assert code == 2, out
+    assert err.splitlines()[0] == (
+        "model.moe_router_topkk: unknown key (not a field of Megatron-Core's TransformerConfig "
+        "or MLATransformerConfig, nor of Megatron-Bridge's GPTModelProvider); did you mean "
+        "moe_router_topk?")
+
+
+def test_misspelt_model_key_in_the_file_is_refused_naming_it(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(TINY.read_text().replace("  moe_router_topk: 2\n", "  moe_router_topkk: 2\n"))
+    code = cli.main(["validate-config", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.splitlines()[0].startswith("model.moe_router_topkk: unknown key"), err
+
+
+def test_model_keys_are_read_from_megatrons_sources_without_importing_it():
+    """The field names come from the installed Megatron-Core's source: same set as its dataclasses."""
+    import dataclasses
+
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    from nemo_lossfree.megatron_fields import PROVIDER_FIELDS, model_keys
+
+    fields = {f.name for f in dataclasses.fields(MLATransformerConfig) if not f.name.startswith("_")}
+    assert model_keys() == frozenset(fields) | PROVIDER_FIELDS
+    assert {"seq_length", "vocab_size", "transformer_layer_spec"} <= PROVIDER_FIELDS
+
+
+def test_validate_config_does_not_import_megatron():
+    """Validation answers in a fraction of a second: importing Megatron-Core takes seconds."""
+    result = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from nemo_lossfree import cli; code = cli.main(['validate-config', "
+         f"{str(TINY)!r}, 'model.moe_router_topkk=1']); "
+         "print(code, [m for m in sys.modules if m.startswith(('megatron', 'torch'))])"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.stdout.strip() == "2 []", result.stdout + result.stderr
