@@ -17,12 +17,17 @@ The rules, and where Megatron applies them:
 - virtual pipeline needs PP > 1 and ``num_layers`` divisible by PP x VPP
   (``TransformerConfig.__post_init__``).
 - top-k, group-limited routing and expert bias rules of ``TransformerConfig``.
+- every ``model:`` key is a field Megatron knows (``megatron_fields``):
+  ``TransformerConfig(**model)`` refuses any other, and Bridge skips it with a
+  warning, so a misspelt ``moe_router_topkk`` would silently leave the default.
 """
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Mapping, Optional
 
+from nemo_lossfree import megatron_fields
 from nemo_lossfree.config import LossFreeConfig
 from nemo_lossfree.run_config import tasks_per_node
 
@@ -68,6 +73,24 @@ def _lossfree(c: _Checker) -> Optional[LossFreeConfig]:
     except ValueError as exc:  # the message already names lossfree.<field>
         c.problems.append(str(exc))
         return None
+
+
+def _model_keys(c: _Checker) -> None:
+    model = c.section("model")
+    known = megatron_fields.model_keys()
+    if known is None:
+        if model:
+            c.warnings.append("model: keys not checked (Megatron-Core's sources were not found)")
+        return
+    for key in model:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(str(key), known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        c.problems.append(
+            f"model.{key}: unknown key (not a field of Megatron-Core's TransformerConfig or "
+            f"MLATransformerConfig, nor of Megatron-Bridge's GPTModelProvider){hint}"
+        )
 
 
 def _routing(c: _Checker, lossfree: Optional[LossFreeConfig]) -> dict[str, Any]:
@@ -278,6 +301,7 @@ def _batch(c: _Checker, dp: Optional[int]) -> dict[str, Any]:
 def check(config: Mapping[str, Any]) -> tuple[list[str], list[str], dict[str, Any]]:
     """``(problems, warnings, facts)`` for a run-config dict; facts feed ``describe``."""
     c = _Checker(config)
+    _model_keys(c)
     lossfree = _lossfree(c)
     facts: dict[str, Any] = {"lossfree": lossfree}
     facts.update(_routing(c, lossfree))

@@ -11,6 +11,11 @@ works as a Bridge ``--config-file``, plus two sections of ours:
 Values are typed like OmegaConf/Hydra do (YAML 1.2 scalars): ``1e-3`` is a
 float here, where PyYAML's YAML 1.1 rules would read a string. The result is a
 plain ``dict``; no framework is imported.
+
+``read_yaml_file`` is the one place a run-config file is read (the
+``validate-config``, ``slurm`` and Bridge entry points all come through
+``load_run_config``); every problem with the file itself is one
+``RunConfigError`` line naming it.
 """
 
 from __future__ import annotations
@@ -34,9 +39,22 @@ SECTIONS = OUR_SECTIONS + BRIDGE_SECTIONS
 
 CLUSTER_KEYS = ("nodes", "gpus_per_node", "tasks_per_node")
 
+#: The largest run-config file read. The shipped configs are a few KiB;
+#: PyYAML needs ~100 s and ~2 GB for a 27 MB file, so a bigger one is a
+#: mistake (a checkpoint or a log passed as the config) to refuse, not parse.
+MAX_CONFIG_BYTES = 1 << 20
+
 
 class RunConfigError(ValueError):
     """A problem in a run config; the message starts with the offending key."""
+
+
+class ConfigFileError(RunConfigError):
+    """A problem with the file itself (missing, unreadable, not YAML); the message starts with its path.
+
+    A command that took the path from a flag may put the flag first
+    (``--config-file: x.yaml: no such file``).
+    """
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -64,6 +82,115 @@ _Yaml12Loader.add_implicit_resolver(
 def parse_yaml(text: str) -> Any:
     """Parse YAML text with YAML 1.2 float rules."""
     return yaml.load(text, Loader=_Yaml12Loader)
+
+
+def _mark(mark: Any) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _yaml_error_line(path: Path, text: str, exc: yaml.YAMLError) -> str:
+    """One line for a PyYAML error: the file and line first, PyYAML's words after.
+
+    PyYAML's own message is several lines and names the input
+    ``"<unicode string>"``; the file name and the line are what a user needs.
+    """
+    if isinstance(exc, yaml.MarkedYAMLError) and (exc.problem_mark or exc.context_mark):
+        where = exc.problem_mark or exc.context_mark
+        what = exc.problem or exc.context or "syntax error"
+        if exc.context and exc.problem and exc.context_mark is not None:
+            what += f" ({exc.context} started at {_mark(exc.context_mark)})"
+        return f"{path}: {_mark(where)}: not valid YAML: {what}"
+    if isinstance(exc, yaml.reader.ReaderError):
+        line = text.count("\n", 0, exc.position) + 1
+        return (f"{path}: line {line}: not valid YAML: control character #x{exc.character:02x} "
+                "is not allowed")
+    return f"{path}: not valid YAML: {' '.join(str(exc).split())}"
+
+
+def _check_duplicate_keys(node: yaml.Node, path: Path, keys: tuple[str, ...] = (),
+                          seen: Optional[set[int]] = None) -> None:
+    """Refuse a mapping that states a key twice, at any depth.
+
+    PyYAML keeps the last of two equal keys without a word, so a second
+    ``lossfree:`` section would silently replace the first. Keys merged in
+    with ``<<: *anchor`` may be overridden: that is YAML's merge, not a
+    duplicate.
+    """
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias: checked where its anchor is
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                _check_duplicate_keys(value_node, path, keys, seen)
+                continue
+            name = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+            identity = (key_node.tag, name)  # the tag: 1 and "1" are different keys
+            if name != "?" and identity in lines:
+                dotted = ".".join(keys + (name,))
+                raise RunConfigError(
+                    f"{dotted}: duplicate key in {path} (lines {lines[identity]} and "
+                    f"{key_node.start_mark.line + 1}); YAML would keep only the last, remove one"
+                )
+            lines[identity] = key_node.start_mark.line + 1
+            _check_duplicate_keys(value_node, path, keys + (name,), seen)
+    elif isinstance(node, yaml.SequenceNode):
+        parent = keys[-1] if keys else ""
+        for index, item in enumerate(node.value):
+            _check_duplicate_keys(item, path, keys[:-1] + (f"{parent}[{index}]",), seen)
+
+
+def read_yaml_file(path: Union[str, Path]) -> Any:
+    """The parsed YAML of a run-config file; any problem is one line.
+
+    ``ConfigFileError``, starting with the path: a missing or unreadable
+    path, a directory, more than ``MAX_CONFIG_BYTES`` (checked before
+    parsing: PyYAML's time and memory grow far faster than the file), bytes
+    that are not UTF-8, YAML syntax errors (with the line and column),
+    nesting deeper than Python's recursion limit.
+    ``RunConfigError``, starting with the dotted key and naming the file: a
+    key stated twice in one mapping.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)  # not read(): /dev/zero never ends
+    except FileNotFoundError:
+        raise ConfigFileError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigFileError(f"{path}: is a directory, not a YAML file") from None
+    except OSError as exc:
+        raise ConfigFileError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        size = path.stat().st_size if path.is_file() else 0
+        size = f"{size} bytes" if size > MAX_CONFIG_BYTES else "a stream longer than that"
+        raise ConfigFileError(
+            f"{path}: must be at most 1 MiB ({MAX_CONFIG_BYTES} bytes) to be a run config, got {size}"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigFileError(
+            f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); "
+            "a run config is a YAML text file"
+        ) from None
+    try:
+        loader = _Yaml12Loader(text)  # checks for unprintable characters already
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _check_duplicate_keys(node, path)
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        raise ConfigFileError(_yaml_error_line(path, text, exc)) from None
+    except RecursionError:  # PyYAML composes and constructs recursively
+        raise ConfigFileError(f"{path}: not valid YAML for a run config: nested too deeply") from None
 
 
 def parse_scalar(text: str) -> Any:
@@ -116,23 +243,20 @@ def load_run_config(
 ) -> dict[str, Any]:
     """Read ``path`` (may be None: overrides only), apply ``overrides``, return a dict.
 
-    Raises ``RunConfigError`` (a ``ValueError``) naming the key for unknown
-    sections, sections that are not mappings and malformed overrides;
-    ``FileNotFoundError`` for a missing file.
+    Raises ``RunConfigError`` (a ``ValueError``), one line: naming the file
+    for problems with the file (``read_yaml_file``), the key for unknown
+    sections, sections that are not mappings and malformed overrides.
     """
     config: dict[str, Any] = {}
     origin = "overrides"
     if path is not None:
         path = Path(path)
         origin = str(path)
-        try:
-            loaded = parse_yaml(path.read_text())
-        except yaml.YAMLError as exc:
-            raise RunConfigError(f"{path}: not valid YAML: {exc}") from None
+        loaded = read_yaml_file(path)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise RunConfigError(f"{path}: the top level must be a mapping of sections")
+            raise ConfigFileError(f"{path}: the top level must be a mapping of sections")
         _check_sections(loaded, origin)
         config = copy.deepcopy(loaded)
     for override in overrides:

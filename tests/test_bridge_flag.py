@@ -4,6 +4,9 @@ run in the Bridge lane: tests/bridge_stubs/lane_checks.py)."""
 from __future__ import annotations
 
 import functools
+import importlib.util
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -122,3 +125,33 @@ def test_entry_point_rejects_a_bad_flag_before_importing_bridge(capsys):
 def test_import_object_accepts_both_spellings():
     assert bridge_pretrain.import_object("os.path:join") is bridge_pretrain.os.path.join
     assert bridge_pretrain.import_object("os.path.join") is bridge_pretrain.os.path.join
+
+
+MISSING_BRIDGE = ("error: megatron.bridge: not installed; this entry point needs Megatron-Bridge 0.6: "
+                  "pip install 'nemo-lossfree[bridge]' (megatron-bridge>=0.6,<0.7")
+
+
+def test_entry_point_without_bridge_says_what_to_install(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "megatron.bridge", None)  # as if not installed
+    code = bridge_pretrain.main(["--recipe", "vanilla_gpt_pretrain_config", "--config-file", TINY])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(MISSING_BRIDGE), err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("megatron.bridge") is not None,
+                    reason="Megatron-Bridge is installed here")
+def test_entry_point_process_without_bridge_is_one_line():
+    result = subprocess.run(
+        [sys.executable, "-m", "nemo_lossfree.bridge.pretrain", "--recipe", "vanilla_gpt_pretrain_config",
+         "--config-file", TINY], capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(MISSING_BRIDGE), result.stderr
+
+
+def test_entry_point_names_the_flag_for_a_bad_config_file(capsys, tmp_path):
+    code = bridge_pretrain.main(["--recipe", "x", "--config-file", str(tmp_path)])
+    assert code == 2
+    assert capsys.readouterr().err == f"error: --config-file: {tmp_path}: is a directory, not a YAML file\n"

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,3 +167,36 @@ def test_command_rejects_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["simulate", "--strategies", "cosine-ish"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_command_checks_the_output_dir_before_computing(tmp_path, capsys, monkeypatch):
+    import nemo_lossfree.simulator as simulator
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("simulated before checking --out-dir")
+
+    monkeypatch.setattr(simulator, "compare_strategies", no_work)
+    (tmp_path / "a-file").write_text("")
+    for out_dir in [tmp_path / "a-file" / "x"] + ([Path("/proc/x")] if Path("/proc/self").exists() else []):
+        code = main(["simulate", "--experts", "8", "--topk", "2", "--tokens", "64", "--steps", "2",
+                     "--no-plot", "--out-dir", str(out_dir)])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"nemo-lossfree simulate: --out-dir: cannot create or write {out_dir}"), err
+        assert len(err.splitlines()) == 1
+
+
+def test_command_on_a_file_that_is_not_a_torch_file_names_scores(tmp_path, capsys):
+    import datetime
+    import pickle
+
+    files = {"text.pt": b"steps,tokens\n1,2\n", "empty.pt": b"", "zip.pt": b"PK\x03\x04junk",
+             "object.pt": pickle.dumps({"logits": datetime.date(2024, 1, 1)})}  # a pickle, not tensors
+    for name, data in files.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        code = main(["simulate", "--scores", str(path), "--no-plot", "--out-dir", str(tmp_path / "out")])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"nemo-lossfree simulate: --scores {path}: not a torch file"), err
+        assert len(err.splitlines()) == 1, err

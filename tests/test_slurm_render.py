@@ -305,9 +305,16 @@ TINY = textwrap.dedent("""\
 """)
 
 
+def _repo_env() -> dict:
+    """The environment with this checkout first on the path: the commands run in a temporary
+    directory, where an editable install of another checkout (a git worktree's main) would win."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path)
+
+
 def _cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nemo_lossfree.cli", "slurm", *argv],
-                          cwd=cwd, capture_output=True, text=True, timeout=60)
+                          cwd=cwd, env=_repo_env(), capture_output=True, text=True, timeout=60)
 
 
 def test_cli_cpu_job_translates_the_config(tmp_path):
@@ -331,23 +338,26 @@ def test_cli_cpu_job_translates_the_config(tmp_path):
 
 def test_cli_gpu_job_runs_the_bridge_entry_point(tmp_path):
     (tmp_path / "big.yaml").write_text(TINY.replace("save: null", "save: /lustre/ckpt"))
+    # 1024 GPUs are 1024 data-parallel replicas of 2 sequences: the batch must grow with them.
     proc = _cli("--config", "big.yaml", "--nodes", "128", "--gpus-per-node", "8", "--dry-run",
                 "--recipe", "deepseek_v3_pretrain_config",
                 "--container-image", "nvcr.io/nvidia/nemo:25.11", "lossfree.update_rate=0.001",
-                cwd=tmp_path)
+                "train.global_batch_size=2048", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     launch = bash_array(proc.stdout, "launch")
-    assert launch[-5:] == ["-m nemo_lossfree.bridge.pretrain", "--recipe deepseek_v3_pretrain_config",
-                           "--config-file big.yaml",
-                           "lossfree.update_rate=0.001", "checkpoint.load=/lustre/ckpt"]
+    assert launch[-6:] == ["-m nemo_lossfree.bridge.pretrain", "--recipe deepseek_v3_pretrain_config",
+                           "--config-file big.yaml", "lossfree.update_rate=0.001",
+                           "train.global_batch_size=2048", "checkpoint.load=/lustre/ckpt"]
     assert "--nproc-per-node=8" in launch
     assert "--nodes=128" in sbatch_options(proc.stdout)
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["model.tensor_model_parallel_size=2"], "model.tensor_model_parallel_size: the CPU demo worker"),
-    (["--ntasks-per-node", "3"], "must be a multiple of model.expert_model_parallel_size (2)"),
-    (["train.global_batch_size=6"], "train.global_batch_size: must be a multiple of"),
+    # A layout Megatron accepts that the CPU worker does not run (validation passes first).
+    (["model.tensor_model_parallel_size=2", "model.sequence_parallel=true", "--ntasks-per-node", "4"],
+     "model.tensor_model_parallel_size: the CPU demo worker"),
+    (["--ntasks-per-node", "3"], "model.expert_model_parallel_size: EP x ETP = 2 x 1 must divide"),
+    (["train.global_batch_size=6"], "train.global_batch_size: must be divisible by micro_batch_size x DP"),
     (["--gpus-per-node", "8", "--ntasks-per-node", "3"], "--ntasks-per-node: with GPUs it must be 1"),
     (["--gpus-per-node", "8"], "--recipe: GPU jobs run nemo_lossfree.bridge.pretrain"),
     (["--time", "1 day"], "--time: must be a SLURM time"),
@@ -368,11 +378,91 @@ def test_the_tiny_cpu_configs_worker_flags_are_exactly_its_lossfree_section():
     from nemo_lossfree import LossFreeConfig
     from nemo_lossfree.demo.settings import settings_from_args
     from nemo_lossfree.demo.worker import build_parser
-    from nemo_lossfree.launch.config_file import read_run_config
-    from nemo_lossfree.launch.payload import worker_flags
+    from nemo_lossfree.launch.payload import load_config, worker_flags
 
-    config = read_run_config("configs/tiny-cpu.yaml", [])
+    config = load_config("configs/tiny-cpu.yaml", [])
     flags = worker_flags(config, world_size=2)
     args = build_parser().parse_args(["--arm", "loss_free", "--out", "/tmp/unused", *flags])
     settings = settings_from_args(args)
     assert settings.lossfree_config == LossFreeConfig.from_dict(config["lossfree"])
+
+
+# ---- jobs that reach the queue are jobs validate-config accepts ------------------
+
+CONFIGS = REPO / "configs"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["lossfree.update_rat=1"], "lossfree.update_rat: unknown key"),
+    (["lossfree.update_rate=-1"], "lossfree.update_rate: must be a finite number >= 0, got -1"),
+    (["model.num_moe_experts=7"], "model.expert_model_parallel_size: must divide num_moe_experts (7), got 2"),
+    (["model.moe_router_topkk=2"], "model.moe_router_topkk: unknown key"),
+], ids=["misspelt-lossfree-key", "negative-rate", "7-experts-on-EP-2", "misspelt-model-key"])
+def test_cli_refuses_what_validate_config_refuses(tmp_path, argv, message):
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    proc = _cli("--config", "tiny.yaml", "--dry-run", *argv, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout
+    assert proc.stdout == ""  # no script
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith(f"nemo-lossfree slurm: {message}"), proc.stderr
+    assert lines[-1] == "nemo-lossfree slurm: tiny.yaml: 1 problem(s); nothing written or submitted"
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_refuses_too_few_nodes_for_the_configs_layout(tmp_path):
+    """configs/deepseek-v3-1024gpu.yaml needs a multiple of TP 2 x PP 16 = 32 GPUs; 3 nodes x 8 are 24."""
+    config = CONFIGS / "deepseek-v3-1024gpu.yaml"
+    proc = _cli("--config", str(config), "--nodes", "3", "--recipe", "deepseek_v3_pretrain_config",
+                "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == [
+        "nemo-lossfree slurm: cluster: world size 24 (nodes 3 x tasks_per_node 8) is not divisible "
+        "by TP x PP x CP = 2 x 16 x 1 = 32",
+        f"nemo-lossfree slurm: {config}: 1 problem(s) with --nodes 3; nothing written or submitted",
+    ]
+
+
+def _fake_sbatch(tmp_path: Path) -> dict:
+    """PATH with an `sbatch` that only records its calls (no cluster is ever asked)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/sbatch_calls\necho 77\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    return dict(_repo_env(), PATH=f"{bin_dir}:{os.environ['PATH']}")
+
+
+def test_cli_refuses_a_bad_config_before_writing_or_submitting(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    proc = subprocess.run([sys.executable, "-m", "nemo_lossfree.cli", "slurm", "--config", "tiny.yaml",
+                           "--output-dir", "job", "lossfree.update_rate=-1"],
+                          cwd=tmp_path, env=_fake_sbatch(tmp_path), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert not (tmp_path / "job").exists()
+    assert not (tmp_path / "sbatch_calls").exists()
+
+
+def _unwritable_dirs(tmp_path: Path) -> list[Path]:
+    (tmp_path / "a-file").write_text("")
+    dirs = [tmp_path / "a-file" / "x"]
+    if Path("/proc/self").exists():
+        dirs.append(Path("/proc/x"))
+    return dirs
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "submit"])
+def test_cli_unwritable_output_dir_is_one_line_naming_the_flag(tmp_path, dry_run):
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    env = _fake_sbatch(tmp_path)
+    for out_dir in _unwritable_dirs(tmp_path):
+        argv = ["--config", "tiny.yaml", "--output-dir", str(out_dir)] + (["--dry-run"] if dry_run else [])
+        proc = subprocess.run([sys.executable, "-m", "nemo_lossfree.cli", "slurm", *argv],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, (out_dir, proc.stdout, proc.stderr)
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(
+            f"nemo-lossfree slurm: --output-dir: cannot create or write {out_dir}"), proc.stderr
+        assert proc.stdout == ""
+        assert not (tmp_path / "sbatch_calls").exists()

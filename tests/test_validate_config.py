@@ -135,3 +135,134 @@ def test_cpu_cluster_needs_tasks_per_node(tmp_path):
     del config["cluster"]["tasks_per_node"]
     assert "cluster.tasks_per_node: required when gpus_per_node is 0 (CPU processes)" in (
         layout_check.find_problems(config))
+
+
+# ---- bad files: one line naming the file, exit 2, no traceback -----------------
+
+def _cli_process(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nemo_lossfree.cli", "validate-config", *argv],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _bad_file(tmp_path: Path, kind: str) -> tuple[Path, str]:
+    """A bad run-config input and a piece of the one line it must get."""
+    path = tmp_path / "run.yaml"
+    text = TINY.read_text()
+    if kind == "directory":
+        path.mkdir()
+        return path, f"{path}: is a directory, not a YAML file"
+    if kind == "not-utf-8":
+        path.write_bytes(text.encode() + b"# caf\xe9\n")
+        return path, f"{path}: not UTF-8 text (byte 0xe9 on line {text.count(chr(10)) + 1})"
+    if kind == "syntax":
+        path.write_text("model:\n  num_layers: 2\n  hidden: [64, 128\ntrain: {}\n")
+        return path, f"{path}: line 4, column 6: not valid YAML: "
+    if kind == "too-big":
+        path.write_text(text + "#" * (1 << 20) + "\n")
+        return path, f"{path}: must be at most 1 MiB (1048576 bytes) to be a run config, got "
+    if kind == "two-lossfree-sections":
+        path.write_text(text + "\nlossfree:\n  enabled: false\n")
+        first = text.splitlines().index("lossfree:") + 1
+        return path, (f"lossfree: duplicate key in {path} (lines {first} and "
+                      f"{text.count(chr(10)) + 2}); YAML would keep only the last")
+    if kind == "duplicate-nested-key":
+        path.write_text(text.replace("  num_layers: 2\n", "  num_layers: 2\n  num_layers: 4\n"))
+        first = text.splitlines().index("  num_layers: 2") + 1
+        return path, (f"model.num_layers: duplicate key in {path} (lines {first} and {first + 1}); "
+                      "YAML would keep only the last")
+    if kind == "nested-too-deeply":
+        path.write_text("model:\n  x: " + "[" * 50000 + "]" * 50000 + "\n")
+        return path, f"{path}: not valid YAML for a run config: nested too deeply"
+    raise AssertionError(kind)
+
+
+BAD_FILES = ["directory", "not-utf-8", "syntax", "too-big", "two-lossfree-sections",
+             "duplicate-nested-key", "nested-too-deeply"]
+
+
+@pytest.mark.parametrize("kind", BAD_FILES)
+def test_bad_file_is_one_line_naming_it(tmp_path, kind):
+    path, expected = _bad_file(tmp_path, kind)
+    result = _cli_process(str(path))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
+    assert result.stdout == ""
+
+
+def test_yaml_syntax_error_names_the_line_not_a_unicode_string(tmp_path):
+    path, _ = _bad_file(tmp_path, "syntax")
+    with pytest.raises(RunConfigError) as info:
+        load_run_config(path)
+    message = str(info.value)
+    assert "\n" not in message and "<unicode string>" not in message
+    assert message.startswith(f"{path}: line 4, column 6: not valid YAML: ")
+    assert "flow sequence" in message and "line 3" in message  # where the open bracket is
+
+
+def test_oversized_file_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    from nemo_lossfree import run_config
+
+    path, _ = _bad_file(tmp_path, "too-big")
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("an oversized file was handed to the YAML parser")
+
+    monkeypatch.setattr(run_config._Yaml12Loader, "__init__", no_parse)
+    with pytest.raises(RunConfigError, match=r"must be at most 1 MiB"):
+        load_run_config(path)
+
+
+def test_merge_keys_may_override_what_they_merge(tmp_path):
+    """``<<: *anchor`` then a key of the anchor is YAML's override, not a duplicate."""
+    from nemo_lossfree.run_config import read_yaml_file
+
+    path = tmp_path / "merge.yaml"
+    path.write_text("base: &b {a: 1, b: 2}\nderived:\n  <<: *b\n  b: 3\n")
+    assert read_yaml_file(path) == {"base": {"a": 1, "b": 2}, "derived": {"a": 1, "b": 3}}
+
+
+# ---- unknown model keys ------------------------------------------------------------
+
+def test_misspelt_model_key_in_an_override_is_refused_naming_it(capsys):
+    code, out, err = validate(capsys, "model.moe_router_topkk=99")
+    assert code == 2, out
+    assert err.splitlines()[0] == (
+        "model.moe_router_topkk: unknown key (not a field of Megatron-Core's TransformerConfig "
+        "or MLATransformerConfig, nor of Megatron-Bridge's GPTModelProvider); did you mean "
+        "moe_router_topk?")
+
+
+def test_misspelt_model_key_in_the_file_is_refused_naming_it(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(TINY.read_text().replace("  moe_router_topk: 2\n", "  moe_router_topkk: 2\n"))
+    code = cli.main(["validate-config", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.splitlines()[0].startswith("model.moe_router_topkk: unknown key"), err
+
+
+def test_model_keys_are_read_from_megatrons_sources_without_importing_it():
+    """The field names come from the installed Megatron-Core's source: same set as its dataclasses."""
+    import dataclasses
+
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    from nemo_lossfree.megatron_fields import PROVIDER_FIELDS, model_keys
+
+    fields = {f.name for f in dataclasses.fields(MLATransformerConfig) if not f.name.startswith("_")}
+    assert model_keys() == frozenset(fields) | PROVIDER_FIELDS
+    assert {"seq_length", "vocab_size", "transformer_layer_spec"} <= PROVIDER_FIELDS
+
+
+def test_validate_config_does_not_import_megatron():
+    """Validation answers in a fraction of a second: importing Megatron-Core takes seconds."""
+    result = subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from nemo_lossfree import cli; code = cli.main(['validate-config', "
+         f"{str(TINY)!r}, 'model.moe_router_topkk=1']); "
+         "print(code, [m for m in sys.modules if m.startswith(('megatron', 'torch'))])"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.stdout.strip() == "2 []", result.stdout + result.stderr

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 import tempfile
@@ -31,9 +32,31 @@ from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
-from nemo_lossfree.run_config import RunConfigError, load_run_config, split_sections
+from nemo_lossfree.run_config import ConfigFileError, RunConfigError, load_run_config, split_sections
 
 DEFAULT_FORWARD_STEP = "megatron.bridge.training.gpt_step:forward_step"
+#: pyproject.toml's ``bridge`` extra.
+BRIDGE_REQUIREMENT = "megatron-bridge>=0.6,<0.7"
+
+
+def bridge_missing() -> Optional[str]:
+    """The one line to print when Megatron-Bridge is not installed; None when it is.
+
+    Bridge is an optional extra (it needs Transformer Engine, so an NVIDIA
+    container): without it the first Bridge import deep in ``build_config``
+    would be a traceback, after the config was checked.
+    """
+    try:
+        found = importlib.util.find_spec("megatron.bridge") is not None
+    except ValueError:  # in sys.modules without a __spec__ (a stand-in): importable
+        found = True
+    except ImportError:
+        found = False
+    if found:
+        return None
+    return ("megatron.bridge: not installed; this entry point needs Megatron-Bridge 0.6: "
+            f"pip install 'nemo-lossfree[bridge]' ({BRIDGE_REQUIREMENT}; it needs Transformer Engine, "
+            "so use an NVIDIA NeMo container)")
 
 
 def import_object(path: str) -> Any:
@@ -96,8 +119,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         merged = load_run_config(args.config_file, args.overrides)
-    except FileNotFoundError:
-        print(f"error: --config-file: {args.config_file}: no such file", file=sys.stderr)
+    except ConfigFileError as exc:
+        print(f"error: --config-file: {exc}", file=sys.stderr)
         return 2
     except RunConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -108,6 +131,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         lossfree_config(merged.get("lossfree"))  # fail fast, before importing Bridge
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    missing = bridge_missing()
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
         return 2
     if (merged.get("cluster") or {}).get("gpus_per_node") == 0:
         # The config is laid out for CPU processes (gloo): shim Megatron-Core's

@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from nemo_lossfree.commands import check_output_dir
 from nemo_lossfree.config import SCHEDULES, UPDATE_RULES, LossFreeConfig
 
 
@@ -133,6 +134,8 @@ def run(args) -> int:
                               decay_steps=max(1, args.steps // 10),
                               warmup_steps=max(1, args.steps // 10) if args.schedule == "linear_warmup" else 0)
         env, source = _environment(args)
+        # Before the simulation, which can take minutes: its results go there.
+        check_output_dir(args.out_dir, "--out-dir", create=True)
     except ValueError as exc:
         print(f"nemo-lossfree simulate: {exc}", file=sys.stderr)
         return 2

@@ -6,9 +6,13 @@
         --container-image 'nvcr.io#nvidia/nemo:TAG' --container-mounts /lustre:/lustre --dry-run
 
 Nodes, GPUs per node and tasks per node come from the config's ``cluster:``
-section unless given here. The job directory (``--output-dir``) receives the
-script, ``logs/<job>-<id>.out``, and for CPU jobs ``results/`` (the worker's
-JSON) and ``checkpoints/`` (unless the config's ``checkpoint.save`` names one).
+section unless given here. The config, with that layout, must pass
+``nemo-lossfree validate-config`` (the same check, ``validate_config.validate``)
+before anything is written or submitted. The job directory (``--output-dir``,
+checked for writing before the script is, even with ``--dry-run``) receives
+the script, ``logs/<job>-<id>.out``, and for CPU jobs ``results/`` (the
+worker's JSON) and ``checkpoints/`` (unless the config's ``checkpoint.save``
+names one).
 """
 
 from __future__ import annotations
@@ -17,8 +21,16 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
+from nemo_lossfree.commands import check_output_dir
+from nemo_lossfree.commands.validate_config import validate
 from nemo_lossfree.launch.job import LAUNCHERS, SlurmJob
+from nemo_lossfree.run_config import ConfigFileError
+
+PREFIX = "nemo-lossfree slurm: "
+LAYOUT_FLAGS = (("--nodes", "nodes"), ("--gpus-per-node", "gpus_per_node"),
+                ("--ntasks-per-node", "ntasks_per_node"))
 
 
 def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -69,8 +81,8 @@ def _layout_value(cli_value, cluster: dict, key: str, default):
     return default if value is None else value
 
 
-def build_job(args: argparse.Namespace) -> tuple[SlurmJob, Path]:
-    """The job and its directory, from the flags and the config."""
+def prepare(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], SlurmJob, Path]:
+    """``(config, job fields, layout, job directory)``: the flags checked, no command built yet."""
     from nemo_lossfree.launch import payload
 
     config = payload.load_config(args.config, args.overrides)
@@ -90,19 +102,36 @@ def build_job(args: argparse.Namespace) -> tuple[SlurmJob, Path]:
         log_dir=str(out_dir / "logs"), workdir=os.getcwd(), signal_seconds=args.signal_seconds,
         requeue=args.requeue, max_requeues=args.max_requeues, master_port=args.master_port,
     )
-    # Validate the layout before building the command (it needs the world size).
+    # The flags' own rules (SlurmJob) before the config's: the layout is needed for both.
     layout = SlurmJob(command=["-c", "pass"], **common)
+    if layout.gpus_per_node and not args.recipe:
+        raise ValueError(
+            "--recipe: GPU jobs run nemo_lossfree.bridge.pretrain, which needs the Megatron-Bridge "
+            "recipe this config completes (a name in megatron.bridge.recipes, e.g. "
+            "deepseek_v3_pretrain_config, or module:function)"
+        )
+    return config, common, layout, out_dir
+
+
+def with_layout(config: dict[str, Any], layout: SlurmJob) -> dict[str, Any]:
+    """The config as the job runs it: its ``cluster:`` section is the job's layout (flags win)."""
+    merged = dict(config)
+    merged["cluster"] = {"nodes": layout.nodes, "gpus_per_node": layout.gpus_per_node,
+                         "tasks_per_node": layout.procs_per_node}
+    return merged
+
+
+def build_job(args: argparse.Namespace, config: dict[str, Any], common: dict[str, Any],
+              layout: SlurmJob, out_dir: Path) -> SlurmJob:
+    """The job: the layout plus the training command (Bridge on GPUs, the demo worker on CPUs)."""
+    from nemo_lossfree.launch import payload
+
     if layout.gpus_per_node:
-        if not args.recipe:
-            raise ValueError(
-                "--recipe: GPU jobs run nemo_lossfree.bridge.pretrain, which needs the Megatron-Bridge "
-                "recipe this config completes (a name in megatron.bridge.recipes, e.g. "
-                "deepseek_v3_pretrain_config, or module:function)"
-            )
         command = payload.gpu_pretrain_command(args.config, args.overrides, config, recipe=args.recipe)
         python = args.python or "python"
     else:
         checkpoint_dir = (config.get("checkpoint") or {}).get("save") or str(out_dir / "checkpoints")
+        # The demo worker's own default is EP 2 when the config names none.
         ep = (config.get("model") or {}).get("expert_model_parallel_size") or 2
         if layout.world_size % ep:
             raise ValueError(
@@ -114,7 +143,7 @@ def build_job(args: argparse.Namespace) -> tuple[SlurmJob, Path]:
             checkpoint_dir=str(Path(checkpoint_dir).resolve()),
         )
         python = args.python or payload.default_python()
-    return SlurmJob(command=command, python=python, **common), out_dir
+    return SlurmJob(command=command, python=python, **common)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,11 +151,28 @@ def run(args: argparse.Namespace) -> int:
     from nemo_lossfree.launch.render import render_sbatch
 
     try:
-        job, out_dir = build_job(args)
+        config, common, layout, out_dir = prepare(args)
+    except ConfigFileError as exc:
+        print(f"{PREFIX}--config: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"{PREFIX}{exc}", file=sys.stderr)
+        return 2
+    problems, _ = validate(with_layout(config, layout), prefix=PREFIX)
+    if problems:
+        given = " ".join(f"{flag} {getattr(args, name)}" for flag, name in LAYOUT_FLAGS
+                         if getattr(args, name) is not None)
+        print(f"{PREFIX}{args.config}: {len(problems)} problem(s){' with ' + given if given else ''}; "
+              "nothing written or submitted", file=sys.stderr)
+        return 2
+    try:
+        job = build_job(args, config, common, layout, out_dir)
         script_path = out_dir / f"{job.job_name}.sbatch"
         text = render_sbatch(job, title=f"nemo-lossfree: {args.config}", submit_hint=f"Submit with: sbatch {script_path}")
+        # Last, since it creates the directory (unless --dry-run).
+        check_output_dir(out_dir, "--output-dir", create=not args.dry_run)
     except ValueError as exc:
-        print(f"nemo-lossfree slurm: {exc}", file=sys.stderr)
+        print(f"{PREFIX}{exc}", file=sys.stderr)
         return 2
     if args.dry_run:
         print(text, end="")
@@ -137,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         job_id = slurm.submit(str(script_path))
     except slurm.SlurmError as exc:
-        print(f"nemo-lossfree slurm: {exc}", file=sys.stderr)
+        print(f"{PREFIX}{exc}", file=sys.stderr)
         return 1
     log = out_dir / "logs" / f"{job.job_name}-{job_id}.out"
     print(f"submitted job {job_id}: script {script_path}, log {log}", flush=True)
@@ -150,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         info = slurm.wait(job_id, timeout_s=args.wait_timeout, on_change=report)
     except slurm.SlurmError as exc:
-        print(f"nemo-lossfree slurm: {exc}", file=sys.stderr)
+        print(f"{PREFIX}{exc}", file=sys.stderr)
         return 1
     print(f"job {job_id}: {info.state}, exit code {info.exit_code}, restarts {info.restarts}; log {log}")
     if info.state != "COMPLETED":

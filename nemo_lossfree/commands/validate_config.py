@@ -5,12 +5,17 @@ Prints one line per problem, each starting with the key
 exits 2; prints warnings (``warning: <key>: ...``) and a one-paragraph
 summary and exits 0 when the config is valid. Never a traceback for a bad
 config: it is user input.
+
+``validate`` is the one check of a run config: ``nemo-lossfree slurm`` calls
+it too, before it writes or submits anything, so a job reaches the queue only
+if this command accepts its config and layout.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any, Mapping
 
 from nemo_lossfree import layout_check
 from nemo_lossfree.run_config import RunConfigError, load_run_config
@@ -32,21 +37,29 @@ def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser
     return parser
 
 
+def validate(config: Mapping[str, Any], prefix: str = "") -> tuple[list[str], dict[str, Any]]:
+    """Check a loaded run config; print its warnings and problems to stderr, one line each.
+
+    Returns ``(problems, facts)``; the caller says what a problem means for
+    it (``validate-config``: a summary and exit 2; ``slurm``: nothing is
+    written or submitted). ``prefix`` starts every line (the command's name).
+    """
+    problems, warnings, facts = layout_check.check(config)
+    for warning in warnings:
+        print(f"{prefix}warning: {warning}", file=sys.stderr)
+    for problem in problems:
+        print(f"{prefix}{problem}", file=sys.stderr)
+    return problems, facts
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config = load_run_config(args.config, args.overrides)
-    except FileNotFoundError:
-        print(f"{args.config}: no such file", file=sys.stderr)
-        return 2
     except RunConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    problems, warnings, facts = layout_check.check(config)
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    problems, facts = validate(config)
     if problems:
-        for problem in problems:
-            print(problem, file=sys.stderr)
         print(f"{args.config}: {len(problems)} problem(s)", file=sys.stderr)
         return 2
     print(f"{args.config}: valid. {layout_check.describe(config, facts)}")

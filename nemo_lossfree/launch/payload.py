@@ -156,10 +156,14 @@ def gpu_pretrain_command(config_file: str, overrides: list[str],
 
 
 def load_config(path: str, overrides: list[str]) -> dict[str, Any]:
-    """The run config as nested dicts, overrides applied (``a.b=value``)."""
-    from nemo_lossfree.launch.config_file import read_run_config
+    """The run config as nested dicts, overrides applied (``a.b=value``).
 
-    return read_run_config(path, overrides)
+    ``nemo_lossfree.run_config.load_run_config``, the one reader of run-config
+    files: its ``RunConfigError`` (a ``ValueError``) names the file or key.
+    """
+    from nemo_lossfree.run_config import load_run_config
+
+    return load_run_config(path, list(overrides))
 
 
 def default_python() -> str:

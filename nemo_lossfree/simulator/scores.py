@@ -20,6 +20,7 @@ of 10^6 tokens costs 64 bytes per token plus the candidate cache.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -85,7 +86,19 @@ def load_recorded(path: str, *, kind: Optional[str], score_function: str) -> lis
     ``"scores"``; that key then says what the values are. A bare tensor is
     read as ``kind`` (default logits). Each recorded step becomes one pool.
     """
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with warnings.catch_warnings():  # a plain pickle's protocol warning: the error below says it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip, EOF, key and weights-only errors: no common base class
+        # torch's own messages are many lines (or a bare "101"); say what the file must be.
+        reason = f"torch.load raised {type(exc).__name__}"
+        if "Weights only load failed" in str(exc):
+            reason = "it holds Python objects besides tensors, which are not loaded (weights_only)"
+        raise ValueError(
+            f"--scores {path}: not a torch file of scores (torch.save of a tensor, or of a dict with "
+            f"one tensor under logits or scores); {reason}"
+        ) from None
     if isinstance(loaded, dict):
         keys = [k for k in SCORE_KINDS if k in loaded]
         if len(keys) != 1:
