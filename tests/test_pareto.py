@@ -37,6 +37,9 @@ def test_matched_balance_and_its_line():
     assert result["frontier_val_loss_at_matched_balance"] == pytest.approx(2.20)
     assert result["val_loss_vs_frontier_pct"] == pytest.approx(100 * (2.0 / 2.2 - 1))
     assert "(-9.09%)" in describe(matched_balance(_arms()))
+    # 0.2 / 2.0 is at least as good on both axes as 0.4 / 2.10 and 1.6 / 2.00, not as 0.1 / 2.30.
+    assert result["dominates"] == ["aux_loss", "aux_loss_1e-3"]
+    assert describe(matched_balance(_arms())).endswith("better on both axes than aux_loss, aux_loss_1e-3")
     outside = matched_balance(_arms(loss_free=(0.05, 2.0)))
     assert outside["loss_free"]["where"] == "more balanced than every aux-loss arm"
     assert "no frontier loss" in describe(outside)

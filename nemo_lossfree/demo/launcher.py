@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from nemo_lossfree.demo.worker import EXIT_STOPPED, PROGRESS_PREFIX
+from nemo_lossfree.demo.protocol import EXIT_STOPPED, PROGRESS_PREFIX
 from nemo_lossfree.testing.distributed import free_port
 
 WORLD_SIZE = 2

@@ -46,6 +46,9 @@ def matched_balance(arms: dict[str, dict], arm: str = "loss_free") -> dict[str, 
     own = arms[arm]
     at = frontier_loss_at(frontier, own["maxvio_global"])
     result[arm] = {
+        # The aux-loss arms this arm beats on both axes (at least as balanced, no higher loss).
+        "dominates": [p["arm"] for p in frontier
+                      if own["maxvio_global"] <= p["maxvio_global"] and own["val_loss"] <= p["val_loss"]],
         "maxvio_global": own["maxvio_global"],
         "val_loss": own["val_loss"],
         "frontier_val_loss_at_matched_balance": at,
@@ -64,9 +67,11 @@ def describe(pareto: dict[str, Any], arm: str = "loss_free") -> str:
     mine = pareto.get(arm)
     if mine is None:
         return "loss at matched balance: needs the loss_free arm and two aux-loss arms"
+    beaten = mine.get("dominates") or []
+    tail = f"; better on both axes than {', '.join(beaten)}" if beaten else ""
     if mine["frontier_val_loss_at_matched_balance"] is None:
         return (f"loss at matched balance: {arm} (MaxVio_global {mine['maxvio_global']:.3f}) is "
-                f"{mine['where']}; no frontier loss to compare")
+                f"{mine['where']}; no frontier loss to compare{tail}")
     return (f"loss at matched balance: {arm} {mine['val_loss']:.4f} vs aux-loss frontier "
             f"{mine['frontier_val_loss_at_matched_balance']:.4f} at MaxVio_global "
-            f"{mine['maxvio_global']:.3f} ({mine['val_loss_vs_frontier_pct']:+.2f}%)")
+            f"{mine['maxvio_global']:.3f} ({mine['val_loss_vs_frontier_pct']:+.2f}%){tail}")

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from nemo_lossfree.demo.arms import ARMS
 from nemo_lossfree.demo.pareto import describe, matched_balance
+from nemo_lossfree.demo.protocol import PROGRESS_PREFIX
 from nemo_lossfree.demo.trainer import MAXVIO_TARGET, ArmTrainer, StepRecord, steps_to_below
 
 RESULT_KEYS = (
@@ -64,8 +65,6 @@ class ArmReporter:
 
     def _emit(self, event: str, **fields: Any) -> None:
         if self.progress:
-            from nemo_lossfree.demo.worker import PROGRESS_PREFIX
-
             payload = {"event": event, "arm": self.trainer.arm.name, **fields}
             print(PROGRESS_PREFIX + json.dumps(payload), flush=True)
 

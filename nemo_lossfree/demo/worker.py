@@ -56,11 +56,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_STOPPED = 75
-PROGRESS_PREFIX = "@@lossfree-progress "
+from nemo_lossfree.demo.protocol import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE, PROGRESS_PREFIX  # noqa: F401
 DEFAULT_PORT = 29500
 
 
