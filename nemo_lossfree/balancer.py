@@ -97,7 +97,7 @@ class LossFreeBalancer:
         # The adaptive gain's per-router history (schedule "adaptive"); balancer
         # state like the integrals, saved by state_dict().
         self.adaptive = [adaptive_state(1, r.expert_bias.numel()) for r in self.routers]
-        self.last_gains: list[float] = []
+        self._gains: list[torch.Tensor] = []
         self.uses_margins = self.config.update_rule == "quantile"
         for router in self.routers:
             router.balancer_attached = True
@@ -202,10 +202,10 @@ class LossFreeBalancer:
                 lf_metrics.summarize(maxvio, [r.expert_bias for r in routers], dead)
             )
             result["lossfree/update_rate"] = (
-                sum(self.last_gains) / len(self.last_gains) if self.last_gains else rate
+                torch.cat(self._gains).mean().item() if self._gains else rate
             )
             self.last_metrics = result
-        self.last_gains = []
+        self._gains = []
         self.steps_done += 1
         return result
 
@@ -229,15 +229,12 @@ class LossFreeBalancer:
                      for key in self.adaptive[slots[0]]}
             move_LE = rule_step(counts_LE, rate=1.0, rule="quantile", histogram=hist_LE2B)
             updated_LE, new_state, gain_L1 = adaptive_quantile_update(
-                bias_LE, move_LE, state, ceiling=rate, floor=cfg.min_update_rate, center=cfg.center
+                counts_LE, bias_LE, move_LE, state, ceiling=rate, floor=cfg.min_update_rate,
+                center=cfg.center,
             )
-            # A layer that saw no token keeps its bias and its history.
-            has_tokens_L1 = counts_LE.sum(-1, keepdim=True) > 0
-            updated_LE = torch.where(has_tokens_L1, updated_LE, bias_LE)
             for n, j in enumerate(slots):
-                if bool(has_tokens_L1[n]):
-                    self.adaptive[j] = {key: value[n : n + 1] for key, value in new_state.items()}
-            self.last_gains.extend(gain_L1.squeeze(-1).tolist())
+                self.adaptive[j] = {key: value[n : n + 1] for key, value in new_state.items()}
+            self._gains.append(gain_L1.reshape(-1))  # read on logging steps only (no host sync)
         elif cfg.integral_gain == 0:
             updated_LE = compute_bias_update(counts_LE, bias_LE, **rule)
         else:

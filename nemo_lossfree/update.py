@@ -307,6 +307,7 @@ def local_level_gain(noise_var: torch.Tensor, drift_var: torch.Tensor) -> torch.
 
 
 def adaptive_quantile_update(
+    counts: torch.Tensor,
     bias: torch.Tensor,
     step: torch.Tensor,
     state: dict[str, torch.Tensor],
@@ -326,6 +327,7 @@ def adaptive_quantile_update(
     q)`` clamped to ``[floor, ceiling]`` (``ceiling`` until two differences
     are known). Returns ``(bias, state, gain_L1)``; ``state`` holds
     ``x``, ``d``, ``var``, ``cov`` and ``seen`` (steps observed), all tensors.
+    A layer whose ``counts`` hold no token keeps its bias and its history.
     """
     x = _centered(bias.double() + step.double(), True)
     seen = state["seen"]
@@ -348,7 +350,9 @@ def adaptive_quantile_update(
     updated = _centered(bias + (gain * step.double()).to(bias.dtype), center)
     new_state = {"x": x, "d": torch.where(has_d, d, torch.zeros_like(d)), "var": var, "cov": cov,
                  "seen": seen + 1}
-    return updated, new_state, gain
+    keep_L1 = ~_has_tokens(counts)
+    new_state = {key: torch.where(keep_L1, state[key], value) for key, value in new_state.items()}
+    return torch.where(keep_L1, bias, updated), new_state, gain
 
 
 def adaptive_state(layers: int, experts: int, device=None) -> dict[str, torch.Tensor]:

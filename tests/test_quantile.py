@@ -232,13 +232,18 @@ def test_adaptive_gain_finds_the_best_filter_of_a_drifting_noisy_target(drift, n
     for _ in range(300):
         level = level + torch.randn(1, 64, generator=gen) * drift**0.5
         observed = level + torch.randn(1, 64, generator=gen) * noise**0.5
-        bias, state, gain = adaptive_quantile_update(bias, observed - bias, state, ceiling=1.0,
-                                                     floor=0.0, center=False)
+        bias, state, gain = adaptive_quantile_update(torch.ones(1, 64), bias, observed - bias, state,
+                                                     ceiling=1.0, floor=0.0, center=False)
         gains.append(float(gain))
     ideal = float(local_level_gain(torch.tensor(noise), torch.tensor(drift)))
     settled = sum(gains[-100:]) / 100
     assert abs(settled - ideal) < 0.1 + 0.3 * ideal, (settled, ideal)
     assert gains[0] == 1.0  # the ceiling until the history says more
+    # A layer without tokens keeps its bias and its history.
+    kept, kept_state, _ = adaptive_quantile_update(torch.zeros(1, 64), bias, torch.ones(1, 64), state,
+                                                   ceiling=1.0, floor=0.0, center=False)
+    assert torch.equal(kept, bias)
+    assert all(torch.equal(kept_state[key], state[key]) for key in state)
 
 
 def test_adaptive_schedule_state_round_trips_and_is_refused_without_the_quantile_rule(pg_collection):
