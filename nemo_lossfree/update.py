@@ -122,6 +122,11 @@ def margin_histogram(margins_TE: torch.Tensor, weight_T: Optional[torch.Tensor] 
     return hist.view(2, num_experts, MARGIN_BINS).transpose(0, 1).contiguous()
 
 
+def histogram_counts(histogram: torch.Tensor) -> torch.Tensor:
+    """``[..., E]``: each expert's count, the histogram's mass below 0 (``selection_margins``)."""
+    return histogram[..., 0, : MARGIN_BINS // 2].sum(dim=-1)
+
+
 def quantile_step(histogram: torch.Tensor) -> torch.Tensor:
     """The move ``d[i]`` after which expert i would get the mean load, ``[..., E]`` float64.
 
@@ -135,7 +140,7 @@ def quantile_step(histogram: torch.Tensor) -> torch.Tensor:
     """
     hist = histogram.double()
     counts_EB, sums_EB = hist[..., 0, :], hist[..., 1, :]
-    load_E = counts_EB[..., : MARGIN_BINS // 2].sum(dim=-1)  # mass below 0 = the count
+    load_E = histogram_counts(hist)
     target_E1 = (load_E.sum(dim=-1, keepdim=True) / load_E.shape[-1]).expand_as(load_E).unsqueeze(-1)
     below_EB = counts_EB.cumsum(dim=-1)
     # First bin whose cumulative count passes C: the (C+1)-th smallest is inside.

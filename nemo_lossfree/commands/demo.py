@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     results = per_seed[seeds[0]] if len(seeds) == 1 else combine_seeds(per_seed)
     results["config"]["total_wall_s"] = time.perf_counter() - start
     write_json(out / "results.json", results)
-    plot_demo(results, {s: out if len(seeds) == 1 else out / f"seed_{s}" for s in seeds}, out / "demo.png")
+    plot_demo(results, {seed: seed_out for seed, _, seed_out, _, _ in runs}, out / "demo.png")
     print(format_table(results))
     print(describe(results["pareto"]))
     print(f"\nresults: {out / 'results.json'}  plot: {out / 'demo.png'}  "

@@ -30,7 +30,7 @@ import torch
 from nemo_lossfree.config import LossFreeConfig
 from nemo_lossfree.metrics import max_violation
 from nemo_lossfree.simulator.environment import Environment
-from nemo_lossfree.update import compute_bias_update_with_integral, scheduled_rate
+from nemo_lossfree.update import compute_bias_update_with_integral, histogram_counts, scheduled_rate
 
 
 @dataclass
@@ -89,7 +89,7 @@ def simulate(env: Environment, config: LossFreeConfig, *, name: str = "",
         histogram = None
         if config.update_rule == "quantile":
             histogram = env.histogram(step, bias_E).double()
-            counts_E = histogram[:, 0, : histogram.shape[-1] // 2].sum(-1)  # mass below 0
+            counts_E = histogram_counts(histogram)
         else:
             counts_E = env.counts(step, bias_E)
         rate = scheduled_rate(config, step)
