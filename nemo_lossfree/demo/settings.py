@@ -175,7 +175,8 @@ def settings_to_argv(settings: DemoSettings) -> list[str]:
         "seq_length": "--seq-length", "micro_batch_size": "--micro-batch-size",
         "num_micro_batches": "--num-micro-batches", "lr": "--lr", "min_lr": "--min-lr",
         "lr_warmup_steps": "--lr-warmup-steps", "lr_decay_steps": "--lr-decay-steps",
-        "val_windows": "--val-windows", "val_micro_batch_size": "--val-micro-batch-size", "corpus": "--corpus", "corpus_max_bytes": "--corpus-max-bytes",
+        "val_windows": "--val-windows", "val_micro_batch_size": "--val-micro-batch-size",
+        "corpus": "--corpus", "corpus_max_bytes": "--corpus-max-bytes",
     }
     argv: list[str] = []
     for name, flag in flags.items():

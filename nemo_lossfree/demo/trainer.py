@@ -184,8 +184,8 @@ class ArmTrainer:
         self.optimizer.zero_grad()
         batches = self.train_data.step(self.step)
         # No CudaAllocationsOnCpu mode here: cpu.enable() already maps the
-        # schedule's and optimizer's device="cuda" allocations, and the mode's
-        # per-call hook on every torch function was ~7% of a step.
+        # schedule's and optimizer's device="cuda" allocations, and the mode
+        # would hook every torch call of the step for nothing.
         losses = get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iter(batches),
