@@ -86,7 +86,7 @@ class ArmTrainer:
         )
         model = gpt_moe_model(
             self.config, vocab_size=VOCAB_SIZE, max_sequence_length=s.seq_length,
-            loss_free=self.arm.loss_free, layer_spec=self._block_spec() if s.dense_layers else None,
+            loss_free=self.arm.loss_free, layer_spec=self._spec(),
         )
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
@@ -139,16 +139,24 @@ class ArmTrainer:
         self.step = 0
         self.history: list[StepRecord] = []
 
-    def _block_spec(self):
-        """Dense and MoE layers mixed (moe_layer_freq): Megatron-Core's local block spec."""
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    def _spec(self):
+        """Megatron-Core's local layer spec, or its block spec when dense and MoE layers mix
+        (moe_layer_freq); LossFreeRouter for loss_free; SDPA core attention (demo/attention.py)."""
+        from nemo_lossfree.demo.attention import with_sdpa_attention
 
-        spec = get_gpt_decoder_block_spec(self.config, use_transformer_engine=False)
-        if self.arm.loss_free:
-            from nemo_lossfree.spec import use_loss_free_router
+        if self.settings.dense_layers:
+            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-            spec = use_loss_free_router(spec)
-        return spec
+            spec = get_gpt_decoder_block_spec(self.config, use_transformer_engine=False)
+            if self.arm.loss_free:
+                from nemo_lossfree.spec import use_loss_free_router
+
+                spec = use_loss_free_router(spec)
+        else:
+            from nemo_lossfree.testing.models import gpt_moe_layer_spec
+
+            spec = gpt_moe_layer_spec(self.settings.experts, loss_free=self.arm.loss_free)
+        return with_sdpa_attention(spec)
 
     # ------------------------------------------------------------- training
     def _layer_ids(self) -> list[int]:
