@@ -13,10 +13,11 @@ top-8, with and without a dense first layer; none of them is the setting the
 default is tuned on: the default is a fixed ``LossFreeConfig()``, the same for
 all.
 
-Priorities (the order jobs run in): the default and the 1e-2 auxiliary loss at
-the first seed on every setting, then Megatron-Core's quantile balancing, then
-the other seeds, then Megatron-Core's expert bias, then other candidate rules
-for comparison.
+Priorities (the order jobs run in): at the first seed on every setting, the
+default, the 1e-2 auxiliary loss and both Megatron-Core built-ins (quantile
+balancing, expert bias); then the default at the other seeds, then the aux
+loss at the other seeds, then the built-ins at the other seeds, then other
+candidate rules for comparison.
 """
 
 from __future__ import annotations
@@ -54,10 +55,11 @@ CANDIDATES = {
 
 def jobs() -> list[tuple[str, int, str]]:
     first, rest = SEEDS[0], SEEDS[1:]
-    order = [(s, first, c) for c in ("default", "aux_loss") for s in SETTINGS]
-    order += [(s, first, "megatron_qb") for s in SETTINGS]
-    order += [(s, seed, c) for seed in rest for s in SETTINGS for c in ("default", "aux_loss")]
-    order += [(s, first, "megatron_bias") for s in SETTINGS]
+    compared = ("default", "aux_loss", "megatron_qb", "megatron_bias")
+    order = [(s, first, c) for c in compared for s in SETTINGS]
+    for c in ("default", "aux_loss", ("megatron_qb", "megatron_bias")):
+        order += [(s, seed, label) for seed in rest for s in SETTINGS
+                  for label in (c if isinstance(c, tuple) else (c,))]
     order += [(s, first, c) for c in ("proportional", "quantile_1.0", "quantile_0.25") for s in SETTINGS]
     return order
 

@@ -3,7 +3,8 @@
 # Brings up examples/slurm/local_cluster.sh (installs slurm-wlm and munge when
 # missing; needs root), runs examples/slurm/test_real_slurm.py (a job that
 # completes, a job that is preempted, requeued and resumed), and stops the
-# cluster afterwards, also when something failed.
+# cluster afterwards, also when something failed. On one node it first runs
+# the README's SLURM block as written (examples/slurm/readme_block.py).
 #
 # Default: one slurmd on localhost, jobs with --ntasks-per-node 2.
 # NLF_SLURM_NODES=2 emulates two nodes with network namespaces, so the two
@@ -43,6 +44,13 @@ stop_cluster() {
 trap stop_cluster EXIT
 
 start=$SECONDS
+if [ "$nodes" = 1 ]; then
+  # The README's SLURM block, pasted as a user would (it starts and stops the
+  # cluster itself, on this lane's state directory and ports).
+  .venv/bin/python examples/slurm/readme_block.py --check
+  bash -euo pipefail -c "$(.venv/bin/python examples/slurm/readme_block.py)"
+  echo "README SLURM block done in $((SECONDS - start))s"
+fi
 bash "$cluster" start --nodes "$nodes"
 echo "cluster up in $((SECONDS - start))s"
 eval "$(bash "$cluster" env)"
