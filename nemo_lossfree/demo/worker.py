@@ -200,8 +200,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                          expert_model_parallel_size=args.expert_parallel, seed=args.seed)
     import torch.distributed as dist
 
+    from nemo_lossfree.demo.checkpoint import CheckpointError
+
     try:
         return train_arms(args)
+    except CheckpointError as exc:
+        print(f"nemo_lossfree.demo.worker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         dist.destroy_process_group()
 
