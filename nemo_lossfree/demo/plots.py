@@ -12,6 +12,15 @@ import json
 from pathlib import Path
 
 
+def _decimal_log_labels(axis) -> None:
+    """Plain decimals on a log axis, minor ticks labelled at 2 and 5 only: the
+    default 3x10^-1, 4x10^-1, ... labels run into each other within a decade."""
+    import matplotlib.ticker
+
+    axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.2g"))
+    axis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:.2g}" if f"{x:.1e}"[0] in "25" else ""))
+
+
 def plot_demo(results: dict, seed_dirs: dict, path: Path) -> Path:
     import matplotlib
 
@@ -28,6 +37,7 @@ def plot_demo(results: dict, seed_dirs: dict, path: Path) -> Path:
         ax_vio.plot(steps, history["maxvio_batch"], label=arm, linewidth=1.1, color=colors[arm])
         ax_loss.plot(steps, history["loss"], label=arm, linewidth=1.1, color=colors[arm])
     ax_vio.set_yscale("log")
+    _decimal_log_labels(ax_vio.yaxis)
     ax_vio.axhline(0.2, color="grey", linestyle=":", linewidth=1)
     ax_vio.set_xlabel("step")
     ax_vio.set_ylabel("MaxVio_batch (mean over MoE layers)")
@@ -44,6 +54,7 @@ def plot_demo(results: dict, seed_dirs: dict, path: Path) -> Path:
         ax_pareto.errorbar(r["maxvio_global"], r["val_loss"], xerr=r.get("maxvio_global_std"),
                            yerr=r.get("val_loss_std"), fmt="o", capsize=3, color=colors[arm], label=arm)
     ax_pareto.set_xscale("log")
+    _decimal_log_labels(ax_pareto.xaxis)
     ax_pareto.set_xlabel("MaxVio_global (validation set; lower is more balanced)")
     ax_pareto.set_ylabel("validation loss")
     seeds = results["config"].get("seeds")
