@@ -119,7 +119,8 @@ def problem(directory: Path) -> Optional[str]:
         if got is None:
             return f"{name} is missing"
         if got != want:
-            return f"{name} has {got['bytes']} bytes, sha256 {got['sha256'][:12]}; the save wrote {want['bytes']}, {want['sha256'][:12]}"
+            return (f"{name} has {got['bytes']} bytes, sha256 {got['sha256'][:12]}; "
+                    f"the save wrote {want['bytes']}, {want['sha256'][:12]}")
     return None
 
 
