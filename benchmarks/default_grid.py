@@ -139,8 +139,8 @@ def markdown(table: dict) -> str:
         if ours is not None:
             if ours["maxvio_global"] > 0.15:
                 missed.append("<= 0.15")
-        if ours is not None and aux is not None and paired(ours, aux):
-            mine, theirs = paired(ours, aux)
+        if ours is not None and aux is not None and (pair := paired(ours, aux)):
+            mine, theirs = pair
             r = mine["maxvio_global"] / theirs["maxvio_global"]
             d = 100 * (mine["val_loss"] / theirs["val_loss"] - 1)
             ratio, loss_pct = f"{r:.2f}", f"{d:+.1f}%"
@@ -149,8 +149,8 @@ def markdown(table: dict) -> str:
             if d > 0:
                 missed.append("loss <= aux")
         for name, other in (("megatron_qb", qb), ("megatron_bias", bias)):
-            if ours is not None and other is not None and paired(ours, other):
-                mine, theirs = paired(ours, other)
+            if ours is not None and other is not None and (pair := paired(ours, other)):
+                mine, theirs = pair
                 worse_loss = 100 * (mine["val_loss"] / theirs["val_loss"] - 1) > 0.5
                 if mine["maxvio_global"] >= theirs["maxvio_global"] or worse_loss:
                     missed.append(f"beats {name}")

@@ -143,19 +143,18 @@ class ArmTrainer:
         """Megatron-Core's local layer spec, or its block spec when dense and MoE layers mix
         (moe_layer_freq); LossFreeRouter for loss_free; SDPA core attention (demo/attention.py)."""
         from nemo_lossfree.demo.attention import with_sdpa_attention
+        from nemo_lossfree.spec import use_loss_free_router
 
         if self.settings.dense_layers:
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
             spec = get_gpt_decoder_block_spec(self.config, use_transformer_engine=False)
-            if self.arm.loss_free:
-                from nemo_lossfree.spec import use_loss_free_router
-
-                spec = use_loss_free_router(spec)
         else:
             from nemo_lossfree.testing.models import gpt_moe_layer_spec
 
-            spec = gpt_moe_layer_spec(self.settings.experts, loss_free=self.arm.loss_free)
+            spec = gpt_moe_layer_spec(self.settings.experts, loss_free=False)
+        if self.arm.loss_free:
+            spec = use_loss_free_router(spec)
         return with_sdpa_attention(spec)
 
     # ------------------------------------------------------------- training
