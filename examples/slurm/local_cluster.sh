@@ -111,6 +111,12 @@ write_config() {
     echo "MinJobAge=600"
     echo "SlurmctldTimeout=30"
     echo "SlurmdTimeout=60"
+    # How long a daemon or client waits for a reply (default 10 s). On a busy
+    # machine a slurmd can take longer; slurmctld then counts the request as
+    # failed and resends it 60 s later. A resent "cancel step <job>.0" from
+    # before a requeue then kills the requeued run's step, which has the same
+    # job and step id (seen here: the preempted job failed after its restart).
+    echo "MessageTimeout=60"
     echo "KillWait=10"
     local names
     names=$(node_names "$nodes")
