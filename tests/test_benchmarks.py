@@ -74,7 +74,7 @@ def test_balancer_cost_quick_two_ranks(tmp_path):
 
 
 def test_demo_bias_headroom_tiny(tmp_path):
-    from test_demo_support import TINY
+    from _support.demo_workers import TINY
 
     from nemo_lossfree.testing.distributed import free_port
 

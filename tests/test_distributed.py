@@ -2,7 +2,7 @@
 
 import torch
 
-import dist_workers
+from _support import dist_workers
 from nemo_lossfree.testing.distributed import run_on_ranks
 
 STEPS = 4

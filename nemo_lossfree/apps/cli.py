@@ -1,6 +1,6 @@
 """The ``nemo-lossfree`` command.
 
-Each subcommand lives in ``nemo_lossfree/commands/<name>.py`` and exposes
+Each subcommand lives in ``nemo_lossfree/apps/commands/<name>.py`` and exposes
 ``add_parser(subparsers)`` and ``run(args) -> int``; modules are imported only
 when their command runs, so ``--help`` stays fast and a command's heavy
 imports (Megatron-Core, matplotlib) never slow the others.
@@ -13,7 +13,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-# name -> one-line help; the module nemo_lossfree.commands.<name> implements it.
+# name -> one-line help; the module nemo_lossfree.apps.commands.<name> implements it.
 COMMANDS = {
     "demo": "train a small Megatron-Core MoE on the CPU: loss-free balancing vs the alternatives",
     "simulate": "simulate the bias dynamics offline and recommend an update rate",
@@ -24,7 +24,7 @@ COMMANDS = {
 
 
 def _module(name: str):
-    return importlib.import_module(f"nemo_lossfree.commands.{name.replace('-', '_')}")
+    return importlib.import_module(f"nemo_lossfree.apps.commands.{name.replace('-', '_')}")
 
 
 def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
@@ -51,7 +51,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         module = _module(args.command)
     except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("nemo_lossfree.commands"):
+        if exc.name and exc.name.startswith("nemo_lossfree.apps.commands"):
             print(f"nemo-lossfree {args.command}: not available in this build", file=sys.stderr)
             return 2
         raise

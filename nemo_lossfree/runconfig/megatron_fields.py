@@ -24,7 +24,7 @@ from typing import Optional
 
 #: The fields ``GPTModelProvider`` declares itself (Megatron-Bridge 0.6,
 #: ``megatron/bridge/models/gpt_provider.py``; some redeclare ``TransformerConfig``'s).
-#: ``transformer_layer_spec`` takes an import path through ``nemo_lossfree.bridge.pretrain``.
+#: ``transformer_layer_spec`` takes an import path through ``nemo_lossfree.integrations.bridge.pretrain``.
 PROVIDER_FIELDS = frozenset({
     "fp16_lm_cross_entropy", "parallel_output", "share_embeddings_and_output_weights",
     "make_vocab_size_divisible_by", "position_embedding_type", "rotary_base", "rotary_percent",

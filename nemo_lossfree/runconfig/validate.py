@@ -2,7 +2,7 @@
 
 Every rule here is one Megatron-Core 0.19 (or Megatron-Bridge) applies at
 start-up or on the first step, checked on the plain dict from
-``nemo_lossfree.run_config`` so that a mistake costs a second on a laptop, not
+``nemo_lossfree.runconfig.load`` so that a mistake costs a second on a laptop, not
 a queue wait on a cluster. Problems are strings ``"<key>: <problem>"``.
 
 The rules, and where Megatron applies them:
@@ -27,9 +27,9 @@ from __future__ import annotations
 import difflib
 from typing import Any, Mapping, Optional
 
-from nemo_lossfree import megatron_fields
+from nemo_lossfree.runconfig import megatron_fields
 from nemo_lossfree.config import LossFreeConfig
-from nemo_lossfree.run_config import tasks_per_node
+from nemo_lossfree.runconfig.load import tasks_per_node
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
 _MISSING = object()

@@ -35,8 +35,8 @@ def _seed_path(root: Optional[str], seed: int, n_seeds: int) -> Optional[str]:
 
 
 def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
-    from nemo_lossfree.demo.arms import ARMS, DEFAULT_ARMS
-    from nemo_lossfree.demo.settings import add_settings_args
+    from nemo_lossfree.apps.demo.arms import ARMS, DEFAULT_ARMS
+    from nemo_lossfree.apps.demo.settings import add_settings_args
 
     parser = subparsers.add_parser(
         name, help=help_text, description=__doc__.splitlines()[0],
@@ -59,13 +59,13 @@ def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from nemo_lossfree.demo.arms import parse_arms
-    from nemo_lossfree.demo.launcher import launch
-    from nemo_lossfree.demo.pareto import describe
-    from nemo_lossfree.demo.plots import plot_demo
-    from nemo_lossfree.demo.results import collect, combine_seeds, format_table, write_json
-    from nemo_lossfree.demo.settings import check_run, settings_from_args, settings_to_argv
-    from nemo_lossfree.demo.worker import EXIT_STOPPED
+    from nemo_lossfree.apps.demo.arms import parse_arms
+    from nemo_lossfree.apps.demo.launcher import launch
+    from nemo_lossfree.apps.demo.pareto import describe
+    from nemo_lossfree.apps.demo.plots import plot_demo
+    from nemo_lossfree.apps.demo.results import collect, combine_seeds, format_table, write_json
+    from nemo_lossfree.apps.demo.settings import check_run, settings_from_args, settings_to_argv
+    from nemo_lossfree.apps.demo.worker import EXIT_STOPPED
 
     out = Path(args.out)
     try:

@@ -16,8 +16,8 @@ def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser
 
 
 def run(args: argparse.Namespace) -> int:
-    from nemo_lossfree.demo.pareto import describe
-    from nemo_lossfree.demo.results import format_markdown, format_table
+    from nemo_lossfree.apps.demo.pareto import describe
+    from nemo_lossfree.apps.demo.results import format_markdown, format_table
 
     path = Path(args.results)
     if path.is_dir():

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from nemo_lossfree.commands import check_output_dir
+from nemo_lossfree.apps.commands import check_output_dir
 from nemo_lossfree.config import SCHEDULES, UPDATE_RULES, LossFreeConfig
 
 
@@ -53,8 +53,8 @@ def _nonnegative_float(text: str) -> float:
 
 
 def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
-    from nemo_lossfree.simulator import DEFAULT_RATES, STRATEGIES
-    from nemo_lossfree.simulator.scores import SCORE_FUNCTIONS, SCORE_KINDS
+    from nemo_lossfree.apps.simulator import DEFAULT_RATES, STRATEGIES
+    from nemo_lossfree.apps.simulator.scores import SCORE_FUNCTIONS, SCORE_KINDS
 
     p = subparsers.add_parser(name, help=help_text, description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -100,7 +100,7 @@ def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser
 
 
 def _environment(args):
-    from nemo_lossfree.simulator import Environment, SyntheticPool, load_recorded
+    from nemo_lossfree.apps.simulator import Environment, SyntheticPool, load_recorded
 
     if args.scores:
         if not os.path.isfile(args.scores):
@@ -125,8 +125,8 @@ def _environment(args):
 
 
 def run(args) -> int:
-    from nemo_lossfree.simulator import compare_strategies, recommend, scan_rates
-    from nemo_lossfree.simulator.report import write_json, write_plot
+    from nemo_lossfree.apps.simulator import compare_strategies, recommend, scan_rates
+    from nemo_lossfree.apps.simulator.report import write_json, write_plot
 
     torch.set_num_threads(args.threads)
     try:

@@ -23,10 +23,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from nemo_lossfree.commands import check_output_dir
-from nemo_lossfree.commands.validate_config import validate
-from nemo_lossfree.launch.job import LAUNCHERS, SlurmJob
-from nemo_lossfree.run_config import ConfigFileError
+from nemo_lossfree.apps.commands import check_output_dir
+from nemo_lossfree.apps.commands.validate_config import validate
+from nemo_lossfree.apps.slurm.job import LAUNCHERS, SlurmJob
+from nemo_lossfree.runconfig.load import ConfigFileError
 
 PREFIX = "nemo-lossfree slurm: "
 LAYOUT_FLAGS = (("--nodes", "nodes"), ("--gpus-per-node", "gpus_per_node"),
@@ -39,7 +39,7 @@ def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser
     p.add_argument("--config", required=True, help="run config (YAML), e.g. configs/tiny-cpu.yaml")
     p.add_argument("--recipe", default=None,
                    help="GPU jobs (required there): the Megatron-Bridge recipe the config completes, "
-                        "e.g. deepseek_v3_pretrain_config (passed to nemo_lossfree.bridge.pretrain)")
+                        "e.g. deepseek_v3_pretrain_config (passed to nemo_lossfree.integrations.bridge.pretrain)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. train.train_iters=20 lossfree.update_rate=1e-3")
     g = p.add_argument_group("layout (default: the config's cluster: section)")
@@ -83,7 +83,7 @@ def _layout_value(cli_value, cluster: dict, key: str, default):
 
 def prepare(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], SlurmJob, Path]:
     """``(config, job fields, layout, job directory)``: the flags checked, no command built yet."""
-    from nemo_lossfree.launch import payload
+    from nemo_lossfree.apps.slurm import payload
 
     config = payload.load_config(args.config, args.overrides)
     cluster = config.get("cluster") or {}
@@ -106,7 +106,7 @@ def prepare(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], S
     layout = SlurmJob(command=["-c", "pass"], **common)
     if layout.gpus_per_node and not args.recipe:
         raise ValueError(
-            "--recipe: GPU jobs run nemo_lossfree.bridge.pretrain, which needs the Megatron-Bridge "
+            "--recipe: GPU jobs run nemo_lossfree.integrations.bridge.pretrain, which needs the Megatron-Bridge "
             "recipe this config completes (a name in megatron.bridge.recipes, e.g. "
             "deepseek_v3_pretrain_config, or module:function)"
         )
@@ -124,7 +124,7 @@ def with_layout(config: dict[str, Any], layout: SlurmJob) -> dict[str, Any]:
 def build_job(args: argparse.Namespace, config: dict[str, Any], common: dict[str, Any],
               layout: SlurmJob, out_dir: Path) -> SlurmJob:
     """The job: the layout plus the training command (Bridge on GPUs, the demo worker on CPUs)."""
-    from nemo_lossfree.launch import payload
+    from nemo_lossfree.apps.slurm import payload
 
     if layout.gpus_per_node:
         command = payload.gpu_pretrain_command(args.config, args.overrides, config, recipe=args.recipe)
@@ -147,8 +147,8 @@ def build_job(args: argparse.Namespace, config: dict[str, Any], common: dict[str
 
 
 def run(args: argparse.Namespace) -> int:
-    from nemo_lossfree.launch import submit as slurm
-    from nemo_lossfree.launch.render import render_sbatch
+    from nemo_lossfree.apps.slurm import submit as slurm
+    from nemo_lossfree.apps.slurm.render import render_sbatch
 
     try:
         config, common, layout, out_dir = prepare(args)

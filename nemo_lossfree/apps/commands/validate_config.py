@@ -17,8 +17,8 @@ import argparse
 import sys
 from typing import Any, Mapping
 
-from nemo_lossfree import layout_check
-from nemo_lossfree.run_config import RunConfigError, load_run_config
+from nemo_lossfree.runconfig.validate import check, describe
+from nemo_lossfree.runconfig.load import RunConfigError, load_run_config
 
 
 def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def validate(config: Mapping[str, Any], prefix: str = "") -> tuple[list[str], di
     it (``validate-config``: a summary and exit 2; ``slurm``: nothing is
     written or submitted). ``prefix`` starts every line (the command's name).
     """
-    problems, warnings, facts = layout_check.check(config)
+    problems, warnings, facts = check(config)
     for warning in warnings:
         print(f"{prefix}warning: {warning}", file=sys.stderr)
     for problem in problems:
@@ -62,5 +62,5 @@ def run(args: argparse.Namespace) -> int:
     if problems:
         print(f"{args.config}: {len(problems)} problem(s)", file=sys.stderr)
         return 2
-    print(f"{args.config}: valid. {layout_check.describe(config, facts)}")
+    print(f"{args.config}: valid. {describe(config, facts)}")
     return 0

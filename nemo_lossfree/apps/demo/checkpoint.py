@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from nemo_lossfree.demo.trainer import ArmTrainer, StepRecord
+from nemo_lossfree.apps.demo.trainer import ArmTrainer, StepRecord
 
 from torch.distributed.checkpoint.api import CheckpointException
 

@@ -1,6 +1,6 @@
 """Start the demo's two worker processes on this machine and follow their progress.
 
-The workers are ``python -m nemo_lossfree.demo.worker`` (the same entry point
+The workers are ``python -m nemo_lossfree.apps.demo.worker`` (the same entry point
 torchrun or srun would start) with RANK / WORLD_SIZE / MASTER_ADDR /
 MASTER_PORT set; rank 0 prints one progress line per step, shown here as a
 progress bar per arm. Their other output goes to ``<out>/logs/rank<r>.log``.
@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
 
-from nemo_lossfree.demo.protocol import EXIT_STOPPED, PROGRESS_PREFIX
-from nemo_lossfree.testing.distributed import free_port
+from nemo_lossfree.apps.demo.protocol import EXIT_STOPPED, PROGRESS_PREFIX
 
 WORLD_SIZE = 2
 
@@ -26,6 +26,13 @@ WORLD_SIZE = 2
 PORT_ATTEMPTS = 3
 FAILED_PEER_GRACE_S = 30
 _PORT_TAKEN = "EADDRINUSE"
+
+
+def free_port() -> int:
+    """A port on MASTER_ADDR (127.0.0.1) that nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class _Bars:
@@ -116,7 +123,7 @@ def launch(worker_argv: list[str], out: Path, *, quiet: bool = False,
     logs.mkdir(parents=True, exist_ok=True)
     base_env = dict(os.environ if env is None else env)
     base_env.update(WORLD_SIZE=str(WORLD_SIZE), NEMO_LOSSFREE_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "nemo_lossfree.demo.worker", *worker_argv, "--progress"]
+    command = [sys.executable, "-m", "nemo_lossfree.apps.demo.worker", *worker_argv, "--progress"]
     bars = _Bars(quiet)
     for attempt in range(1, PORT_ATTEMPTS + 1):
         port = free_port()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-from nemo_lossfree.demo.arms import ARMS
+from nemo_lossfree.apps.demo.arms import ARMS
 
 
 def aux_frontier(arms: dict[str, dict]) -> list[dict[str, float]]:

@@ -18,10 +18,10 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from nemo_lossfree.demo.arms import ARMS
-from nemo_lossfree.demo.pareto import describe, matched_balance
-from nemo_lossfree.demo.protocol import PROGRESS_PREFIX
-from nemo_lossfree.demo.trainer import MAXVIO_TARGET, ArmTrainer, StepRecord, steps_to_below
+from nemo_lossfree.apps.demo.arms import ARMS
+from nemo_lossfree.apps.demo.pareto import describe, matched_balance
+from nemo_lossfree.apps.demo.protocol import PROGRESS_PREFIX
+from nemo_lossfree.apps.demo.trainer import MAXVIO_TARGET, ArmTrainer, StepRecord, steps_to_below
 
 RESULT_KEYS = (
     "val_loss",

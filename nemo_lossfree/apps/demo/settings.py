@@ -1,7 +1,7 @@
 """Every setting of one demo run, and the command-line flags that set them.
 
 The same flags are read by ``nemo-lossfree demo`` (which passes them on) and by
-``python -m nemo_lossfree.demo.worker``, so a SLURM or torchrun launch of the
+``python -m nemo_lossfree.apps.demo.worker``, so a SLURM or torchrun launch of the
 worker trains exactly what the demo trains, and both refuse the same bad flags
 (``DemoSettings`` and ``check_run``) before any rank joins the process group.
 """
@@ -240,7 +240,7 @@ def check_run(settings: DemoSettings, arms: Sequence[str], *, out: Union[str, Pa
         if save is None:
             raise ValueError(f"save_interval: must come with --save (the checkpoint root), "
                              f"got --save-interval {save_interval} without --save")
-    from nemo_lossfree.demo.corpus import corpus_root
+    from nemo_lossfree.apps.demo.corpus import corpus_root
 
     corpus_root(settings.corpus)
     if load is None:

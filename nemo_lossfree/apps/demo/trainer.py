@@ -21,10 +21,10 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from nemo_lossfree.demo.arms import ARMS
-from nemo_lossfree.demo.corpus import VOCAB_SIZE, Corpus, MicroBatch, TrainData, validation_batches
+from nemo_lossfree.apps.demo.arms import ARMS
+from nemo_lossfree.apps.demo.corpus import VOCAB_SIZE, Corpus, MicroBatch, TrainData, validation_batches
 from nemo_lossfree.testing.cpu import cuda_allocations_on_cpu
-from nemo_lossfree.demo.settings import DemoSettings
+from nemo_lossfree.apps.demo.settings import DemoSettings
 
 MAXVIO_TARGET = 0.2
 
@@ -61,7 +61,7 @@ class ArmTrainer:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-        from nemo_lossfree.testing.models import gpt_moe_model, moe_transformer_config
+        from nemo_lossfree.apps.demo import model as demo_model
 
         self.arm = ARMS[arm_name]
         self.settings = settings
@@ -69,24 +69,12 @@ class ArmTrainer:
         # Same initial weights for every arm: reseed before building.
         torch.manual_seed(s.seed)
         model_parallel_cuda_manual_seed(s.seed)
-        layout = {}
-        if s.dense_layers:
-            layout["moe_layer_freq"] = [0] * s.dense_layers + [1] * s.num_layers
-        self.config = moe_transformer_config(
-            num_layers=s.dense_layers + s.num_layers,
-            hidden_size=s.hidden_size,
-            num_attention_heads=s.num_attention_heads,
-            num_experts=s.experts,
-            topk=s.topk,
-            score_function=s.score_function,
-            expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
-            moe_ffn_hidden_size=s.moe_ffn_hidden_size,
-            **layout,
-            **self.arm.config_fields,
+        self.config = demo_model.transformer_config(
+            s, self.arm.config_fields, parallel_state.get_expert_model_parallel_world_size()
         )
-        model = gpt_moe_model(
-            self.config, vocab_size=VOCAB_SIZE, max_sequence_length=s.seq_length,
-            loss_free=self.arm.loss_free, layer_spec=self._spec(),
+        spec = demo_model.layer_spec(s, self.config, loss_free=self.arm.loss_free)
+        model = demo_model.gpt_model(
+            self.config, spec, vocab_size=VOCAB_SIZE, max_sequence_length=s.seq_length
         )
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
@@ -138,24 +126,6 @@ class ArmTrainer:
         self.router_group = self.routers[0].tp_dp_cp_group
         self.step = 0
         self.history: list[StepRecord] = []
-
-    def _spec(self):
-        """Megatron-Core's local layer spec, or its block spec when dense and MoE layers mix
-        (moe_layer_freq); LossFreeRouter for loss_free; SDPA core attention (demo/attention.py)."""
-        from nemo_lossfree.demo.attention import with_sdpa_attention
-        from nemo_lossfree.spec import use_loss_free_router
-
-        if self.settings.dense_layers:
-            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-
-            spec = get_gpt_decoder_block_spec(self.config, use_transformer_engine=False)
-        else:
-            from nemo_lossfree.testing.models import gpt_moe_layer_spec
-
-            spec = gpt_moe_layer_spec(self.settings.experts, loss_free=False)
-        if self.arm.loss_free:
-            spec = use_loss_free_router(spec)
-        return with_sdpa_attention(spec)
 
     # ------------------------------------------------------------- training
     def _layer_ids(self) -> list[int]:

@@ -2,11 +2,11 @@
 
 Launch it with 2 processes (expert parallel 2, allgather dispatcher, gloo):
 
-    torchrun --nproc-per-node 2 -m nemo_lossfree.demo.worker --arm loss_free --steps 200 --out runs/demo
-    srun -n 2 python -m nemo_lossfree.demo.worker --arm loss_free --steps 200 --out runs/demo \
+    torchrun --nproc-per-node 2 -m nemo_lossfree.apps.demo.worker --arm loss_free --steps 200 --out runs/demo
+    srun -n 2 python -m nemo_lossfree.apps.demo.worker --arm loss_free --steps 200 --out runs/demo \
         --master-addr $(hostname) --master-port 29500
 
-``nemo-lossfree demo`` starts two of them itself (``nemo_lossfree.demo.launcher``).
+``nemo-lossfree demo`` starts two of them itself (``nemo_lossfree.apps.demo.launcher``).
 
 Process group, from the environment:
   torchrun: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT.
@@ -30,7 +30,7 @@ Flags:
                         --save directory (a first run that resumes when requeued)
   --exit-after-steps K  save (with --save) and stop after step K, as on SIGUSR1
   --master-addr/--master-port, --expert-parallel (default 2), --progress
-  and the model/training flags of nemo_lossfree.demo.settings (--experts, --topk,
+  and the model/training flags of nemo_lossfree.apps.demo.settings (--experts, --topk,
   --layers, --hidden-size, --seq-length, --lr, --corpus, --lossfree KEY=VALUE, ...).
 
 Signals: on SIGUSR1 (or SIGTERM) the current step finishes, every rank agrees
@@ -56,15 +56,15 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from nemo_lossfree.demo.protocol import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE, PROGRESS_PREFIX  # noqa: F401
+from nemo_lossfree.apps.demo.protocol import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE, PROGRESS_PREFIX  # noqa: F401
 DEFAULT_PORT = 29500
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nemo_lossfree.demo.settings import add_settings_args
+    from nemo_lossfree.apps.demo.settings import add_settings_args
 
     parser = argparse.ArgumentParser(
-        prog="python -m nemo_lossfree.demo.worker",
+        prog="python -m nemo_lossfree.apps.demo.worker",
         description="One rank of the nemo-lossfree demo (see the module docstring).",
     )
     parser.add_argument("--arm", required=True, help="arm or comma-separated arms")
@@ -128,12 +128,12 @@ class StopFlag:
 def train_arms(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from nemo_lossfree.demo import checkpoint
-    from nemo_lossfree.demo.arms import parse_arms
-    from nemo_lossfree.demo.corpus import load_corpus
-    from nemo_lossfree.demo.results import ArmReporter
-    from nemo_lossfree.demo.settings import finished_arm, settings_from_args
-    from nemo_lossfree.demo.trainer import ArmTrainer, run_arm
+    from nemo_lossfree.apps.demo import checkpoint
+    from nemo_lossfree.apps.demo.arms import parse_arms
+    from nemo_lossfree.apps.demo.corpus import load_corpus
+    from nemo_lossfree.apps.demo.results import ArmReporter
+    from nemo_lossfree.apps.demo.settings import finished_arm, settings_from_args
+    from nemo_lossfree.apps.demo.trainer import ArmTrainer, run_arm
 
     settings = settings_from_args(args)
     arms = parse_arms(args.arm)
@@ -178,15 +178,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        from nemo_lossfree.demo.arms import parse_arms
-        from nemo_lossfree.demo.settings import check_run, settings_from_args
+        from nemo_lossfree.apps.demo.arms import parse_arms
+        from nemo_lossfree.apps.demo.settings import check_run, settings_from_args
 
         settings = settings_from_args(args)
         check_run(settings, parse_arms(args.arm), out=args.out, save=args.save,
                   save_interval=args.save_interval, load=args.load)
         rank, world, init_method = distributed_env(args)
     except ValueError as exc:
-        print(f"nemo_lossfree.demo.worker: {exc}", file=sys.stderr)
+        print(f"nemo_lossfree.apps.demo.worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
     # CPU mode first: it must run before Megatron-Core's router module is imported.
@@ -200,12 +200,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                          expert_model_parallel_size=args.expert_parallel, seed=args.seed)
     import torch.distributed as dist
 
-    from nemo_lossfree.demo.checkpoint import CheckpointError
+    from nemo_lossfree.apps.demo.checkpoint import CheckpointError
 
     try:
         return train_arms(args)
     except CheckpointError as exc:
-        print(f"nemo_lossfree.demo.worker: {exc}", file=sys.stderr)
+        print(f"nemo_lossfree.apps.demo.worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
     finally:
         dist.destroy_process_group()

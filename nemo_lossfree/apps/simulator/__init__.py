@@ -5,7 +5,7 @@ Routes synthetic or recorded router scores with a bias that is updated by
 rules, schedules and rates on MaxVio_batch without training a model.
 """
 
-from nemo_lossfree.simulator.compare import (
+from nemo_lossfree.apps.simulator.compare import (
     DEFAULT_RATES,
     STRATEGIES,
     compare_strategies,
@@ -13,10 +13,10 @@ from nemo_lossfree.simulator.compare import (
     scan_rates,
     strategy_config,
 )
-from nemo_lossfree.simulator.dynamics import Trace, simulate
-from nemo_lossfree.simulator.environment import Environment
-from nemo_lossfree.simulator.scores import RecordedPool, SyntheticPool, load_recorded
-from nemo_lossfree.simulator.topk_counts import CandidateTopK, reference_counts
+from nemo_lossfree.apps.simulator.dynamics import Trace, simulate
+from nemo_lossfree.apps.simulator.environment import Environment
+from nemo_lossfree.apps.simulator.scores import RecordedPool, SyntheticPool, load_recorded
+from nemo_lossfree.apps.simulator.topk_counts import CandidateTopK, reference_counts
 
 __all__ = [
     "CandidateTopK", "DEFAULT_RATES", "Environment", "RecordedPool", "STRATEGIES", "SyntheticPool",

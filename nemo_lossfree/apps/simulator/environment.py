@@ -22,8 +22,8 @@ from typing import Sequence, Union
 
 import torch
 
-from nemo_lossfree.simulator.scores import RecordedPool, SyntheticPool
-from nemo_lossfree.simulator.topk_counts import BLOCK_TOKENS, CandidateTopK
+from nemo_lossfree.apps.simulator.scores import RecordedPool, SyntheticPool
+from nemo_lossfree.apps.simulator.topk_counts import BLOCK_TOKENS, CandidateTopK
 
 Pool = Union[SyntheticPool, RecordedPool]
 

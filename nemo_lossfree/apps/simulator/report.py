@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any, Sequence
 
-from nemo_lossfree.simulator.dynamics import Trace
+from nemo_lossfree.apps.simulator.dynamics import Trace
 
 
 def write_json(path: str, document: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ from typing import Optional
 LAUNCHERS = ("torchrun", "srun")
 
 # The demo worker's "stopped early, checkpoint saved: run again with --load"
-# exit code (EX_TEMPFAIL); nemo_lossfree.demo.worker.EXIT_STOPPED.
+# exit code (EX_TEMPFAIL); nemo_lossfree.apps.demo.worker.EXIT_STOPPED.
 STOPPED_EXIT_CODE = 75
 
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

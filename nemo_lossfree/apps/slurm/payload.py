@@ -1,9 +1,9 @@
 """What a SLURM job runs: the training command built from a run config.
 
 GPU clusters run the NeMo framework (Megatron-Bridge) entry point,
-``python -m nemo_lossfree.bridge.pretrain --config-file FILE [overrides]``,
+``python -m nemo_lossfree.integrations.bridge.pretrain --config-file FILE [overrides]``,
 under torchrun. CPU clusters (``--gpus-per-node 0``) run the demo worker,
-``python -m nemo_lossfree.demo.worker``, with gloo; the config's ``model:``,
+``python -m nemo_lossfree.apps.demo.worker``, with gloo; the config's ``model:``,
 ``train:``, ``optimizer:``, ``scheduler:``, ``rng:``, ``checkpoint:`` and
 ``lossfree:`` fields that the worker has become its flags (``worker_flags``),
 so the same YAML drives both. Fields the small CPU model has no use for
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-# config key -> demo worker flag (nemo_lossfree.demo.settings / worker).
+# config key -> demo worker flag (nemo_lossfree.apps.demo.settings / worker).
 MODEL_FLAGS = {
     "num_layers": "--layers",
     "hidden_size": "--hidden-size",
@@ -117,14 +117,14 @@ def _scalar(value: Any) -> str:
 
 def cpu_worker_command(config: Mapping[str, Any], *, world_size: int, results_dir: str,
                        checkpoint_dir: str) -> list[str]:
-    """``-m nemo_lossfree.demo.worker ...`` (arguments after the interpreter).
+    """``-m nemo_lossfree.apps.demo.worker ...`` (arguments after the interpreter).
 
     ``--load`` always points at the checkpoint directory: the worker resumes
     when a checkpoint is there (a requeued job) and starts fresh otherwise.
     """
     checkpoint = _section(config, "checkpoint")
     command = [
-        "-m", "nemo_lossfree.demo.worker",
+        "-m", "nemo_lossfree.apps.demo.worker",
         "--arm", worker_arm(config),
         "--out", results_dir,
         "--save", checkpoint_dir,
@@ -138,12 +138,12 @@ def cpu_worker_command(config: Mapping[str, Any], *, world_size: int, results_di
 
 def gpu_pretrain_command(config_file: str, overrides: list[str],
                          config: Mapping[str, Any], recipe: Optional[str] = None) -> list[str]:
-    """``-m nemo_lossfree.bridge.pretrain [--recipe R] --config-file FILE [overrides]``.
+    """``-m nemo_lossfree.integrations.bridge.pretrain [--recipe R] --config-file FILE [overrides]``.
 
     A requeued job must resume: when the config saves checkpoints but names
     no load directory, load from the save directory.
     """
-    command = ["-m", "nemo_lossfree.bridge.pretrain"]
+    command = ["-m", "nemo_lossfree.integrations.bridge.pretrain"]
     if recipe:
         command += ["--recipe", recipe]
     command += ["--config-file", config_file]
@@ -158,10 +158,10 @@ def gpu_pretrain_command(config_file: str, overrides: list[str],
 def load_config(path: str, overrides: list[str]) -> dict[str, Any]:
     """The run config as nested dicts, overrides applied (``a.b=value``).
 
-    ``nemo_lossfree.run_config.load_run_config``, the one reader of run-config
+    ``nemo_lossfree.runconfig.load.load_run_config``, the one reader of run-config
     files: its ``RunConfigError`` (a ``ValueError``) names the file or key.
     """
-    from nemo_lossfree.run_config import load_run_config
+    from nemo_lossfree.runconfig.load import load_run_config
 
     return load_run_config(path, list(overrides))
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 import shlex
 
-from nemo_lossfree.launch.job import STOPPED_EXIT_CODE, SlurmJob
-from nemo_lossfree.launch.template import SBATCH_TEMPLATE
+from nemo_lossfree.apps.slurm.job import STOPPED_EXIT_CODE, SlurmJob
+from nemo_lossfree.apps.slurm.template import SBATCH_TEMPLATE
 
 # Megatron-Core on GPUs. Values a site already sets win (${VAR:-default}),
 # except CUDA_DEVICE_MAX_CONNECTIONS, which Megatron requires.

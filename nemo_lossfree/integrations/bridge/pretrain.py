@@ -1,6 +1,6 @@
 """Pretrain through Megatron-Bridge with the ``lossfree`` flag.
 
-    python -m nemo_lossfree.bridge.pretrain --recipe RECIPE --config-file configs/X.yaml \\
+    python -m nemo_lossfree.integrations.bridge.pretrain --recipe RECIPE --config-file configs/X.yaml \\
         [key=value ...]
 
 (under ``torchrun`` for more than one process). RECIPE is a function name in
@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
-from nemo_lossfree.run_config import ConfigFileError, RunConfigError, load_run_config, split_sections
+from nemo_lossfree.runconfig.load import ConfigFileError, RunConfigError, load_run_config, split_sections
 
 DEFAULT_FORWARD_STEP = "megatron.bridge.training.gpt_step:forward_step"
 #: pyproject.toml's ``bridge`` extra.
@@ -106,7 +106,7 @@ def build_config(recipe: str, merged: dict):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nemo_lossfree.bridge.pretrain",
+    parser = argparse.ArgumentParser(prog="python -m nemo_lossfree.integrations.bridge.pretrain",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", required=True,
                         help="recipe function in megatron.bridge.recipes, or module:function")

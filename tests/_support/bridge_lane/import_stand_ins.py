@@ -22,7 +22,7 @@ What the stand-ins hide, exactly:
   instantiating one raises ``RuntimeError``. LoRA on Transformer Engine layers
   and in-process restart (their only users) are not exercised by the lane.
 
-Use: ``python tests/bridge_stubs/run_with_stand_ins.py -m MODULE ARGS...``.
+Use: ``python tests/_support/bridge_lane/run_with_stand_ins.py -m MODULE ARGS...``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _placeholder(qualname: str) -> type:
     def __init__(self, *args, **kwargs):
         raise RuntimeError(
             f"{qualname}: not installed; this is the Bridge CI lane's import stand-in "
-            "(tests/bridge_stubs/import_stand_ins.py)"
+            "(tests/_support/bridge_lane/import_stand_ins.py)"
         )
 
     name = qualname.rsplit(".", 1)[-1]

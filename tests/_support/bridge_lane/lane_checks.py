@@ -4,7 +4,7 @@ Run only by .ci/lanes/30-bridge.sh, in the lane's venv, through the stand-in
 runner (Transformer Engine / nvidia-resiliency-ext import stand-ins and
 Bridge-on-CPU redirects, documented in this folder)::
 
-    python tests/bridge_stubs/run_with_stand_ins.py -m pytest -q tests/bridge_stubs/lane_checks.py
+    python tests/_support/bridge_lane/run_with_stand_ins.py -m pytest -q tests/_support/bridge_lane/lane_checks.py
 
 Not collected by ``make test`` (the file name does not match test_*.py): the
 project venv has no megatron-bridge.
@@ -19,15 +19,15 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TINY = ROOT / "configs" / "tiny-cpu.yaml"
 LOCAL_SPEC = "model.transformer_layer_spec=megatron.bridge.models.gpt_provider.local_layer_spec"
 RECIPE = "vanilla_gpt_pretrain_config"
 
 
 def _build(*overrides):
-    from nemo_lossfree.bridge.pretrain import build_config
-    from nemo_lossfree.run_config import load_run_config
+    from nemo_lossfree.integrations.bridge.pretrain import build_config
+    from nemo_lossfree.runconfig.load import load_run_config
 
     merged = load_run_config(TINY, [LOCAL_SPEC, "model.expert_model_parallel_size=1", *overrides])
     return build_config(RECIPE, merged)
@@ -122,8 +122,8 @@ def test_tiny_cpu_trains_through_bridges_pretrain_and_the_bias_moves(tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
         "--master-port", str(29000 + os.getpid() % 1000),
-        str(ROOT / "tests" / "bridge_stubs" / "run_with_stand_ins.py"),
-        "-m", "nemo_lossfree.bridge.pretrain", "--recipe", RECIPE,
+        str(ROOT / "tests" / "_support" / "bridge_lane" / "run_with_stand_ins.py"),
+        "-m", "nemo_lossfree.integrations.bridge.pretrain", "--recipe", RECIPE,
         "--config-file", str(TINY), LOCAL_SPEC, f"logger.tensorboard_dir={tb_dir}",
         f"checkpoint.save={tmp_path / 'ckpt'}", "checkpoint.save_interval=1000",
     ]

@@ -1,9 +1,9 @@
 """Run a module with the Bridge lane's import stand-ins and CPU redirects (see
 import_stand_ins.py and bridge_on_cpu.py; BRIDGE_ON_CPU=0 skips the latter).
 
-    python tests/bridge_stubs/run_with_stand_ins.py -m MODULE [ARGS ...]
-    torchrun --nproc-per-node 2 tests/bridge_stubs/run_with_stand_ins.py -m MODULE [ARGS ...]
-    python tests/bridge_stubs/run_with_stand_ins.py -m pytest tests/bridge_stubs/lane_checks.py
+    python tests/_support/bridge_lane/run_with_stand_ins.py -m MODULE [ARGS ...]
+    torchrun --nproc-per-node 2 tests/_support/bridge_lane/run_with_stand_ins.py -m MODULE [ARGS ...]
+    python tests/_support/bridge_lane/run_with_stand_ins.py -m pytest tests/_support/bridge_lane/lane_checks.py
 """
 
 import os

@@ -1,4 +1,4 @@
-"""Shared by the demo and resume tests (no tests here): tiny settings, a two-rank worker launch."""
+"""Shared by the demo, resume and crash-safety tests: tiny settings, a two-rank worker launch."""
 
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ def run_workers(argv: list[str], *, on_event: Optional[Callable[[dict, list], No
                 timeout: float = 900) -> tuple[int, int, list[dict]]:
     """Start ranks 0 and 1 of the worker; returns (rc0, rc1, rank 0's progress events)."""
     from nemo_lossfree.testing.distributed import free_port
-    from nemo_lossfree.demo.worker import PROGRESS_PREFIX
+    from nemo_lossfree.apps.demo.worker import PROGRESS_PREFIX
 
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
                PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "nemo_lossfree.demo.worker", *argv, "--progress"]
+    command = [sys.executable, "-m", "nemo_lossfree.apps.demo.worker", *argv, "--progress"]
     procs = [
         subprocess.Popen(command, env=dict(env, RANK=str(rank)), text=True,
                          stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL,
@@ -60,7 +60,7 @@ def run_workers_to_exit(argv: list[str], *, timeout: float = 600) -> tuple[list[
 
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
                PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "nemo_lossfree.demo.worker", *argv]
+    command = [sys.executable, "-m", "nemo_lossfree.apps.demo.worker", *argv]
     procs = [
         subprocess.Popen(command, env=dict(env, RANK=str(rank)), text=True,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
