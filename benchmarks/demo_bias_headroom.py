@@ -207,7 +207,7 @@ def analyse(out: Path, world: int) -> dict:
             "score_spread": float(val.std(dim=0).mean()),
             "median_topk_gap": float((ranked[:, topk - 1] - ranked[:, topk]).median()),
         })
-    mean = {key: float(np.mean([l[key] for l in layers])) for key in layers[0] if key != "layer"}
+    mean = {key: float(np.mean([layer[key] for layer in layers])) for key in layers[0] if key != "layer"}
     return {
         "settings": settings,
         "val_loss": arm["val_loss"],

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -178,7 +177,7 @@ class LossFreeBalancer:
         per_router_hist = [
             h.view(routers[i].local_margin_histogram.shape) for i, h in enumerate(pieces[len(sizes):])
         ]
-        by_experts: "OrderedDict[int, list[int]]" = OrderedDict()
+        by_experts: OrderedDict[int, list[int]] = OrderedDict()
         for index, size in enumerate(sizes):
             by_experts.setdefault(size, []).append(index)
         log_now = self.steps_done % self.config.log_every == 0
@@ -252,7 +251,7 @@ class LossFreeBalancer:
         torch._foreach_copy_([r.expert_bias for r in routers], list(updated_LE.unbind(0)))
 
     # ---------------------------------------------------------- integration
-    def attach(self, transformer_config: Any) -> "LossFreeBalancer":
+    def attach(self, transformer_config: Any) -> LossFreeBalancer:
         """Run ``step()`` inside ``transformer_config.finalize_model_grads_func``.
 
         Megatron-Core's schedules, Megatron-LM's ``train()`` and

@@ -32,7 +32,6 @@ import torch
 
 from nemo_lossfree.config import UPDATE_RULES, LossFreeConfig, _check_rate
 
-
 # ---------------------------------------------------------------- margins
 # Bin edges of the margin histogram, in score units: 0 and +-SMALLEST * 2**j for
 # j < OCTAVES (1e-5 .. 5.2). Geometric bins are fine where the quantile lands

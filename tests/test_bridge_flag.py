@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from nemo_lossfree.integrations.bridge import pretrain as bridge_pretrain
 from nemo_lossfree.integrations.bridge import (
     LossFreeLayerSpec,
     check_model_settings,
     enable_lossfree,
     lossfree_config,
 )
+from nemo_lossfree.integrations.bridge import pretrain as bridge_pretrain
 from nemo_lossfree.testing.models import moe_transformer_config
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml")

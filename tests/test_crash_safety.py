@@ -15,10 +15,11 @@ import sys
 import time
 
 import pytest
-from _support.demo_workers import TINY, arm_json, run_workers
 
 from nemo_lossfree.apps.demo import checkpoint
 from nemo_lossfree.apps.demo.worker import EXIT_STOPPED
+
+from _support.demo_workers import TINY, arm_json, run_workers
 
 STEPS = 7
 COMMON = [*TINY, "--steps", str(STEPS), "--arm", "loss_free", "--lossfree", "update_rate=0.3"]

@@ -8,12 +8,13 @@ import subprocess
 import sys
 
 import pytest
+
+from nemo_lossfree.apps.demo.arms import DEFAULT_ARMS as ARMS
+
 from _support.demo_workers import TINY, run_workers_to_exit
 
 # The fixture trains the default arms in 2 processes: seconds on idle cores, minutes on a loaded machine.
 pytestmark = pytest.mark.timeout(1200)
-
-from nemo_lossfree.apps.demo.arms import DEFAULT_ARMS as ARMS
 
 BIAS_ARMS = ("loss_free", "megatron_bias", "megatron_qb")
 STEPS = 4

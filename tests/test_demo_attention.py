@@ -72,10 +72,10 @@ def test_an_explicit_mask_runs_upstreams_forward(pg_collection, monkeypatch):
 
 @pytest.mark.parametrize("dense_layers", [0, 1])
 def test_demo_model_uses_it_in_every_layer(single_rank, dense_layers):
+    from nemo_lossfree.apps.demo.attention import SdpaDotProductAttention
     from nemo_lossfree.apps.demo.corpus import load_corpus
     from nemo_lossfree.apps.demo.settings import DemoSettings
     from nemo_lossfree.apps.demo.trainer import ArmTrainer
-    from nemo_lossfree.apps.demo.attention import SdpaDotProductAttention
 
     settings = DemoSettings(dense_layers=dense_layers, num_layers=2, val_windows=2, experts=4,
                             corpus_max_bytes=1 << 18)

@@ -9,9 +9,10 @@ balancer's step drives an inverse-time rate schedule) and ``megatron_bias``
 from __future__ import annotations
 
 import pytest
-from _support.demo_workers import TINY, arm_json, run_workers, run_workers_to_exit, send_usr1
 
 from nemo_lossfree.apps.demo.worker import EXIT_STOPPED
+
+from _support.demo_workers import TINY, arm_json, run_workers, run_workers_to_exit, send_usr1
 
 STEPS = 8
 ARMS = "loss_free,megatron_bias"

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from nemo_lossfree.apps.cli import main
-from nemo_lossfree.metrics import max_violation
 from nemo_lossfree.apps.simulator import (
     CandidateTopK,
     Environment,
@@ -20,6 +19,7 @@ from nemo_lossfree.apps.simulator import (
     simulate,
     strategy_config,
 )
+from nemo_lossfree.metrics import max_violation
 from nemo_lossfree.update import compute_bias_update
 
 

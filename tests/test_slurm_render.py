@@ -165,7 +165,8 @@ esac
 FAKE_SRUN = """\
 #!/bin/bash
 printf '%s\\n' "$@" > "$FAKE_DIR/srun_argv"
-env | grep -E '^(MASTER_ADDR|MASTER_PORT|CUDA_DEVICE_MAX_CONNECTIONS|PET_SIGNALS_TO_HANDLE)=' | sort > "$FAKE_DIR/srun_env"
+env | grep -E '^(MASTER_ADDR|MASTER_PORT|CUDA_DEVICE_MAX_CONNECTIONS|PET_SIGNALS_TO_HANDLE)=' \\
+  | sort > "$FAKE_DIR/srun_env"
 if [ "$FAKE_MODE" = preempt ]; then
   # The training: on USR1 save and exit with the "stopped, resume me" code.
   trap 'echo saved >> "$FAKE_DIR/calls"; exit STOPPED' USR1

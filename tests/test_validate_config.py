@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from nemo_lossfree.apps import cli
-from nemo_lossfree.runconfig.validate import find_problems
 from nemo_lossfree.runconfig.load import RunConfigError, load_run_config, parse_scalar
+from nemo_lossfree.runconfig.validate import find_problems
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 

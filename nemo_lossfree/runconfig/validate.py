@@ -27,8 +27,8 @@ from __future__ import annotations
 import difflib
 from typing import Any, Mapping, Optional
 
-from nemo_lossfree.runconfig import megatron_fields
 from nemo_lossfree.config import LossFreeConfig
+from nemo_lossfree.runconfig import megatron_fields
 from nemo_lossfree.runconfig.load import tasks_per_node
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")

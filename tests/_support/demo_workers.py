@@ -21,8 +21,8 @@ TINY = ["--layers", "2", "--hidden-size", "32", "--heads", "2", "--moe-ffn-hidde
 def run_workers(argv: list[str], *, on_event: Optional[Callable[[dict, list], None]] = None,
                 timeout: float = 900) -> tuple[int, int, list[dict]]:
     """Start ranks 0 and 1 of the worker; returns (rc0, rc1, rank 0's progress events)."""
-    from nemo_lossfree.testing.distributed import free_port
     from nemo_lossfree.apps.demo.worker import PROGRESS_PREFIX
+    from nemo_lossfree.testing.distributed import free_port
 
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
                PYTHONUNBUFFERED="1")

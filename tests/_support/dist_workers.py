@@ -6,6 +6,7 @@ from nemo_lossfree.testing import cpu
 
 cpu.enable()  # before anything imports Megatron-Core's router (spawned ranks import this first)
 
+# ruff: noqa: E402  (the imports below must follow cpu.enable())
 import os
 
 import torch
@@ -167,7 +168,9 @@ def save_then_load(rank: int, ckpt_dir: str, upstream_first: bool) -> dict:
         source = gpt_moe_model(saved_config, vocab_size=VOCAB, max_sequence_length=SEQ, loss_free=False)
     else:
         source = gpt_moe_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)
-    balancer = None if upstream_first else LossFreeBalancer(source, LossFreeConfig(update_rule="sign", update_rate=1e-2))
+    balancer = (
+        None if upstream_first else LossFreeBalancer(source, LossFreeConfig(update_rule="sign", update_rate=1e-2))
+    )
     gen = torch.Generator().manual_seed(rank)
     for _ in range(3):
         ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)

@@ -71,7 +71,8 @@ def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser
     g.add_argument("--pool-tokens", type=_positive_int, default=None,
                    help="distinct tokens to draw steps from (default 4 x --tokens, at most 2^20)")
     g = p.add_argument_group("recorded scores")
-    g.add_argument("--scores", default=None, metavar="FILE", help=".pt tensor [steps, tokens, experts] or [tokens, experts]")
+    g.add_argument("--scores", default=None, metavar="FILE",
+                   help=".pt tensor [steps, tokens, experts] or [tokens, experts]")
     g.add_argument("--scores-kind", choices=SCORE_KINDS, default=None, help="what a bare tensor holds (default logits)")
     g = p.add_argument_group("environment (both sources)")
     g.add_argument("--drift", type=_nonnegative_float, default=1e-4,
@@ -86,7 +87,8 @@ def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser
     g.add_argument("--rates", type=_nonnegative_float, nargs="+", default=list(DEFAULT_RATES),
                    help="rates to scan for the recommendation (default %(default)s)")
     g.add_argument("--rule", choices=UPDATE_RULES, default="sign", help="rule of the rate scan (default %(default)s)")
-    g.add_argument("--schedule", choices=SCHEDULES, default="constant", help="schedule of the rate scan (default %(default)s)")
+    g.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                   help="schedule of the rate scan (default %(default)s)")
     g.add_argument("--no-center", dest="center", action="store_false", help="rate scan without re-centering")
     g.add_argument("--target-maxvio", type=_nonnegative_float, default=0.2, help="(default %(default)s)")
     g.add_argument("--window", type=_positive_int, default=10,

@@ -168,7 +168,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         job = build_job(args, config, common, layout, out_dir)
         script_path = out_dir / f"{job.job_name}.sbatch"
-        text = render_sbatch(job, title=f"nemo-lossfree: {args.config}", submit_hint=f"Submit with: sbatch {script_path}")
+        text = render_sbatch(
+            job, title=f"nemo-lossfree: {args.config}", submit_hint=f"Submit with: sbatch {script_path}"
+        )
         # Last, since it creates the directory (unless --dry-run).
         check_output_dir(out_dir, "--output-dir", create=not args.dry_run)
     except ValueError as exc:

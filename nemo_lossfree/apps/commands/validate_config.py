@@ -17,8 +17,8 @@ import argparse
 import sys
 from typing import Any, Mapping
 
-from nemo_lossfree.runconfig.validate import check, describe
 from nemo_lossfree.runconfig.load import RunConfigError, load_run_config
+from nemo_lossfree.runconfig.validate import check, describe
 
 
 def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:

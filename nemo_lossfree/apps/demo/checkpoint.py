@@ -31,10 +31,9 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from nemo_lossfree.apps.demo.trainer import ArmTrainer, StepRecord
-
-from torch.distributed.checkpoint.api import CheckpointException
 
 LATEST = "latest"
 MANIFEST = "manifest.json"

@@ -72,7 +72,7 @@ class _Bars:
                 print(f"{arm}: stopped at step {event['step']}", file=sys.stderr)
 
 
-def _run_workers(command: list[str], base_env: dict, logs: Path, bars: "_Bars") -> tuple[list[int], bool]:
+def _run_workers(command: list[str], base_env: dict, logs: Path, bars: _Bars) -> tuple[list[int], bool]:
     """Start the ranks and wait; returns (exit codes, whether rank 0 found its port taken)."""
     procs = []
     log_files = []

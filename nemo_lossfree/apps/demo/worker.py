@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Optional
 
 from nemo_lossfree.apps.demo.protocol import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE, PROGRESS_PREFIX  # noqa: F401
+
 DEFAULT_PORT = 29500
 
 
@@ -156,7 +157,7 @@ def train_arms(args: argparse.Namespace) -> int:
                 resumed_from = str(directory)
         reporter = ArmReporter(out, trainer, write=(rank == 0), progress=args.progress and rank == 0)
         reporter.started(resumed_from)
-        save = (lambda: checkpoint.save(trainer, args.save)) if args.save else None
+        save = (lambda: checkpoint.save(trainer, args.save)) if args.save else None  # noqa: B023 (this arm's)
         finished = run_arm(
             trainer,
             stop_requested=stop.agreed,

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from nemo_lossfree.config import LossFreeConfig
 from nemo_lossfree.apps.simulator.dynamics import Trace, simulate
 from nemo_lossfree.apps.simulator.environment import Environment
+from nemo_lossfree.config import LossFreeConfig
 
 STRATEGIES = ("sign", "centered", "proportional", "inverse_time", "warmup", "freeze", "quantile")
 QUANTILE_FRACTION = 0.5

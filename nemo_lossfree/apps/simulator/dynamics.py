@@ -27,9 +27,9 @@ from typing import Optional
 
 import torch
 
+from nemo_lossfree.apps.simulator.environment import Environment
 from nemo_lossfree.config import LossFreeConfig
 from nemo_lossfree.metrics import max_violation
-from nemo_lossfree.apps.simulator.environment import Environment
 from nemo_lossfree.update import compute_bias_update_with_integral, histogram_counts, scheduled_rate
 
 

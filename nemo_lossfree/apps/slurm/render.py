@@ -37,7 +37,9 @@ _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 def _no_spaces(name: str, value: str) -> str:
     if any(c.isspace() for c in value):
-        raise ValueError(f"{name}: must not contain whitespace (sbatch reads #SBATCH lines word by word), got {value!r}")
+        raise ValueError(
+            f"{name}: must not contain whitespace (sbatch reads #SBATCH lines word by word), got {value!r}"
+        )
     return value
 
 

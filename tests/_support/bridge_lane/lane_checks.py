@@ -50,7 +50,7 @@ def _provide(provider):
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     provider.finalize()
-    setattr(provider, "_pg_collection", ProcessGroupCollection.use_mpu_process_groups())
+    provider._pg_collection = ProcessGroupCollection.use_mpu_process_groups()
     return provider.provide()
 
 
