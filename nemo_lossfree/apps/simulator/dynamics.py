@@ -2,8 +2,8 @@
 
 One simulated step is what ``LossFreeBalancer.step()`` does for one layer
 after one global batch: route the step's tokens with the current bias, count,
-then ``b <- compute_bias_update_with_integral(counts, b, ..., rate=scheduled_rate(config, t),
-rule, center, integral_gain, integral_decay)`` (the package's own functions, not a copy).
+then ``update.apply_update(config, t, counts, b, state, histogram)`` (the
+balancer's own update: schedule, rule, drift integral or adaptive gain).
 
 Scores of a trace of ``MaxVio_batch`` values ``v_0 .. v_{T-1}``
 (``nemo_lossfree.metrics.max_violation`` of each step's counts):
@@ -30,7 +30,7 @@ import torch
 from nemo_lossfree.apps.simulator.environment import Environment
 from nemo_lossfree.config import LossFreeConfig
 from nemo_lossfree.metrics import max_violation
-from nemo_lossfree.update import compute_bias_update_with_integral, histogram_counts, scheduled_rate
+from nemo_lossfree.update import apply_update, histogram_counts, update_state
 
 
 @dataclass
@@ -82,26 +82,23 @@ def simulate(env: Environment, config: LossFreeConfig, *, name: str = "",
     if not 1 <= steps <= env.steps:
         raise ValueError(f"steps: must be between 1 and {env.steps}, got {steps}")
     trace = Trace(name=name or config.update_rule, config=config)
-    bias_E = torch.zeros(env.num_experts, dtype=torch.float32)  # fp32, as the router keeps it
-    integral_E = torch.zeros_like(bias_E)
+    bias_1E = torch.zeros(1, env.num_experts, dtype=torch.float32)  # fp32, as the router keeps it
+    state = update_state(config, 1, env.num_experts)
     started, started_cpu = time.perf_counter(), time.process_time()
     for step in range(steps):
         histogram = None
         if config.update_rule == "quantile":
-            histogram = env.histogram(step, bias_E).double()
+            histogram = env.histogram(step, bias_1E[0]).double()
             counts_E = histogram_counts(histogram)
         else:
-            counts_E = env.counts(step, bias_E)
-        rate = scheduled_rate(config, step)
+            counts_E = env.counts(step, bias_1E[0])
         trace.maxvio.append(float(max_violation(counts_E)))
-        trace.rate.append(rate)
-        # The balancer's own update, drift integral included (gain 0: the plain rule).
-        bias_E, integral_E = compute_bias_update_with_integral(
-            counts_E, bias_E, integral_E, rate=rate, rule=config.update_rule,
-            center=config.center, gain=config.integral_gain, decay=config.integral_decay,
-            histogram=histogram,
+        bias_1E, state, rate_11 = apply_update(
+            config, step, counts_E[None], bias_1E, state, None if histogram is None else histogram[None]
         )
-        bias_E = bias_E.float()
+        trace.rate.append(float(rate_11))
+        bias_1E = bias_1E.float()
+        bias_E = bias_1E[0]
         trace.bias_mean.append(float(bias_E.mean()))
         trace.bias_spread.append(float(bias_E.max() - bias_E.min()))
         trace.tokens += env.tokens_per_step[step]
