@@ -63,6 +63,9 @@ class DemoSettings:
     val_micro_batch_size: int = 64
     corpus: Optional[str] = None
     corpus_max_bytes: int = 24 * 1024 * 1024
+    # "bytes" (256 ids) or "bpe" (byte-level BPE trained on the training split).
+    tokenizer: str = "bytes"
+    vocab_size: int = 256
     # LossFreeConfig fields of the loss_free arm that differ from the library's
     # defaults (none by default: the demo shows the default a user gets).
     lossfree: dict[str, Any] = field(default_factory=dict)
@@ -153,6 +156,10 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
                    help="a text file or directory of text files (default: the Python standard library's sources)")
     g.add_argument("--corpus-max-bytes", type=int, default=d.corpus_max_bytes,
                    help="read at most this many corpus bytes (default %(default)s)")
+    g.add_argument("--tokenizer", default=d.tokenizer, choices=("bytes", "bpe"),
+                   help="bytes, or byte-level BPE trained on the training split (default %(default)s)")
+    g.add_argument("--vocab-size", type=int, default=d.vocab_size,
+                   help="BPE vocabulary size (default %(default)s; bytes: 256)")
     g.add_argument("--lossfree", dest="lossfree_overrides", action="append", default=[],
                    type=_key_value, metavar="KEY=VALUE",
                    help="LossFreeConfig field for the loss_free arm, repeatable (e.g. update_rate=0.25); "
@@ -180,6 +187,7 @@ def settings_to_argv(settings: DemoSettings) -> list[str]:
         "lr_warmup_steps": "--lr-warmup-steps", "lr_decay_steps": "--lr-decay-steps",
         "val_windows": "--val-windows", "val_micro_batch_size": "--val-micro-batch-size",
         "corpus": "--corpus", "corpus_max_bytes": "--corpus-max-bytes",
+        "tokenizer": "--tokenizer", "vocab_size": "--vocab-size",
     }
     argv: list[str] = []
     for name, flag in flags.items():

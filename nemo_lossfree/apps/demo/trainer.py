@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_lossfree.apps.demo.arms import ARMS
-from nemo_lossfree.apps.demo.corpus import VOCAB_SIZE, Corpus, MicroBatch, TrainData, validation_batches
+from nemo_lossfree.apps.demo.corpus import Corpus, MicroBatch, TrainData, validation_batches
 from nemo_lossfree.apps.demo.settings import DemoSettings
 from nemo_lossfree.testing.cpu import cuda_allocations_on_cpu
 
@@ -74,7 +74,7 @@ class ArmTrainer:
         )
         spec = demo_model.layer_spec(s, self.config, loss_free=self.arm.loss_free)
         model = demo_model.gpt_model(
-            self.config, spec, vocab_size=VOCAB_SIZE, max_sequence_length=s.seq_length
+            self.config, spec, vocab_size=corpus.vocab_size, max_sequence_length=s.seq_length
         )
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False

@@ -142,7 +142,8 @@ def train_arms(args: argparse.Namespace) -> int:
     rank = dist.get_rank()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    corpus = load_corpus(settings.corpus, max_bytes=settings.corpus_max_bytes)
+    corpus = load_corpus(settings.corpus, max_bytes=settings.corpus_max_bytes,
+                         tokenizer=settings.tokenizer, vocab_size=settings.vocab_size)
     stop = StopFlag()
     for arm in arms:
         if args.load and finished_arm(out, arm) is not None:
