@@ -48,8 +48,8 @@ def _worker_main(argv: list[str]) -> int:
     import torch
     import torch.distributed as dist
 
-    from nemo_lossfree.demo import trainer as trainer_module
-    from nemo_lossfree.demo import worker
+    from nemo_lossfree.apps.demo import trainer as trainer_module
+    from nemo_lossfree.apps.demo import worker
     from nemo_lossfree.router import LossFreeRouter
 
     out = Path(os.environ[SCORES_ENV])
@@ -299,8 +299,9 @@ def main() -> int:
         print(f"{name:32s} MaxVio_global {rows[name]['maxvio_global']:.4f}  "
               f"mean MaxVio_batch {rows[name]['maxvio_batch_mean']:.4f}", flush=True)
     for last in (1, 10):
-        rows[f"hindsight: last {last} batches"] = hindsight_bias(traj, last)
-        print(f"hindsight last {last:3d} batches      MaxVio_global {rows[f'hindsight: last {last} batches']['maxvio_global']:.4f}")
+        name = f"hindsight: last {last} batches"
+        rows[name] = hindsight_bias(traj, last)
+        print(f"{name:32s} MaxVio_global {rows[name]['maxvio_global']:.4f}")
     report["rules"] = rows
     (out / "replay.json").write_text(json.dumps(report, indent=2) + "\n")
     return 0
