@@ -76,13 +76,13 @@ def job_dir(out: Path, setting: str, seed: int, label: str) -> Path:
     return out / setting / f"seed_{seed}" / label
 
 
-def run_job(out: Path, setting: str, seed: int, label: str) -> None:
+def run_job(out: Path, setting: str, seed: int, label: str, record: bool = True) -> None:
     arm, overrides = CANDIDATES[label]
     directory = job_dir(out, setting, seed, label)
     flags = ["--seed", str(seed), *SETTINGS[setting]]
     for item in overrides:
         flags += ["--lossfree", item]
-    if label == "default":  # recorded, so that other rules can be replayed on it
+    if label == "default" and record:  # recorded, so that other rules can be replayed on it
         command = [sys.executable, str(Path(__file__).with_name("replay_rules.py")), "--out", str(directory),
                    *flags]
     else:
@@ -219,13 +219,15 @@ def main() -> int:
     parser.add_argument("--out", default="runs/grid")
     parser.add_argument("--summary-only", action="store_true")
     parser.add_argument("--only", default=None, help="comma-separated candidate labels to run")
+    parser.add_argument("--no-record", action="store_true",
+                        help="run the default as a plain demo arm (no recorded scores, no replays)")
     args = parser.parse_args()
     out = Path(args.out)
     if not args.summary_only:
         wanted = set(args.only.split(",")) if args.only else set(CANDIDATES)
         for setting, seed, label in jobs():
             if label in wanted and load(out, setting, seed, label) is None:
-                run_job(out, setting, seed, label)
+                run_job(out, setting, seed, label, record=not args.no_record)
     table = summary(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "grid.json").write_text(json.dumps(table, indent=2) + "\n")
