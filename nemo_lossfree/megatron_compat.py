@@ -46,6 +46,7 @@ MEGATRON_CORE_VERSION = importlib.metadata.version("megatron-core")
 
 def _score_functions() -> tuple[str, ...]:
     field = {f.name: f for f in dataclasses.fields(TransformerConfig)}["moe_router_score_function"]
+    # A string annotation (postponed evaluation) has no args: the two every minor knows.
     return typing.get_args(field.type) or ("softmax", "sigmoid")
 
 
@@ -88,10 +89,11 @@ def check_router_config(config) -> None:
     """
     score_function = config.moe_router_score_function
     if score_function not in SCORE_FUNCTIONS:
+        since = f" ({score_function} needs megatron-core >= {UPSTREAM_FEATURES[score_function][1]})" \
+            if score_function in UPSTREAM_FEATURES else ""
         raise ValueError(
             f"moe_router_score_function: must be one of {', '.join(SCORE_FUNCTIONS)} with "
-            f"megatron-core {MEGATRON_CORE_VERSION}, got {score_function!r}"
-            + (" (sqrtsoftplus needs megatron-core >= 0.18)" if score_function == "sqrtsoftplus" else "")
+            f"megatron-core {MEGATRON_CORE_VERSION}, got {score_function!r}{since}"
         )
 
 
