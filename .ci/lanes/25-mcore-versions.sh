@@ -5,8 +5,9 @@
 # balancer, quantile, spec, recompute and compatibility tests; the multi-rank
 # tests (gloo: expert parallel, MTP, pipeline groups, dist_checkpointing) run
 # on the oldest minor, and on the newest through `make test`. The minors in
-# between get them with MCORE_LANE_MULTI_RANK=all (all of them every run would
-# take ~11 minutes on 2 cores; this way ~6).
+# between get them with MCORE_LANE_MULTI_RANK=all: each adds ~3.5-5.5 minutes
+# on 2 shared cores, so every run takes 7.6 minutes this way (fresh venvs),
+# 17 that way (measured with `time bash .ci/lanes/25-mcore-versions.sh`).
 #
 # Each minor gets a venv outside the work tree holding only that megatron-core
 # wheel; it sees the project venv's other packages (torch, numpy, pytest, ...)
