@@ -35,8 +35,8 @@ import typing
 from typing import Optional
 
 import torch
-
-from megatron.core.transformer.moe import moe_utils, router as upstream_router
+from megatron.core.transformer.moe import moe_utils
+from megatron.core.transformer.moe import router as upstream_router
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 #: The installed megatron-core release (the wheel's metadata; ``megatron.core.__version__``

@@ -7,10 +7,9 @@ shims are the code path.
 
 import pytest
 import torch
-from packaging.version import Version
-
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.moe_layer import MoESubmodules
+from packaging.version import Version
 
 from nemo_lossfree import megatron_compat
 from nemo_lossfree.balancer import LossFreeBalancer, layer_id
