@@ -86,13 +86,14 @@ def reasons(run: dict[str, tuple[str, str]]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("pristine")
-    parser.add_argument("patched", nargs="?")
+    parser.add_argument("pristine", help="JUnit XML of the run without the series (or of one run)")
+    parser.add_argument("patched", nargs="?", help="JUnit XML of the run with the series")
     parser.add_argument("--reasons", action="store_true")
     args = parser.parse_args()
-    runs = {"without the series": outcomes(args.pristine)}
     if args.patched:
-        runs["with the series"] = outcomes(args.patched)
+        runs = {"without the series": outcomes(args.pristine), "with the series": outcomes(args.patched)}
+    else:
+        runs = {"outcomes": outcomes(args.pristine)}
     print(table(runs))
     if args.reasons:
         for name, run in runs.items():
