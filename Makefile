@@ -34,6 +34,7 @@ $(VENV)/.installed: pyproject.toml requirements/ci.txt
 venv: $(VENV)/.installed
 
 test: venv
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: venv

@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from nemo_lossfree.testing.distributed import free_port  # noqa: E402
+
 import timing  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 
 # DeepSeek-V3: 61 layers, first_k_dense_replace=3, 256 routed experts, top-8, 1 MTP module.
@@ -62,7 +63,7 @@ class CollectiveCounter:
         self.calls: dict[str, int] = {}
         self._saved: dict[str, Any] = {}
 
-    def __enter__(self) -> "CollectiveCounter":
+    def __enter__(self) -> CollectiveCounter:
         import torch.distributed as dist
 
         for name in COLLECTIVES:
@@ -208,7 +209,9 @@ def measure(rank: int, world_size: int, options: dict[str, Any]) -> Optional[dic
     logging_balancer = LossFreeBalancer(ours, LossFreeConfig(update_rule="sign", update_rate=1e-3, log_every=1))
     # log_every so large that only its first step records metrics; that one is warm-up.
     quiet_balancer = LossFreeBalancer(ours, LossFreeConfig(update_rule="sign", update_rate=1e-3, log_every=10**9))
-    overlapped = OverlappedLossFreeBalancer(LossFreeBalancer(ours, LossFreeConfig(update_rule="sign", update_rate=1e-3, log_every=10**9)))
+    overlapped = OverlappedLossFreeBalancer(
+        LossFreeBalancer(ours, LossFreeConfig(update_rule="sign", update_rate=1e-3, log_every=10**9))
+    )
     generator = torch.Generator().manual_seed(1000 + rank)
     tokens_per_layer = shape["tokens_per_rank"] * shape["topk"]
 
@@ -332,7 +335,9 @@ def profile_steps(steps: int = 200, top: int = 18) -> str:
     group = ours[0].tp_dp_cp_group
     variants = {
         "lossfree": LossFreeBalancer(ours, LossFreeConfig(update_rule="sign", update_rate=1e-3, log_every=1)).step,
-        "lossfree_nolog": LossFreeBalancer(ours, LossFreeConfig(update_rule="sign", update_rate=1e-3, log_every=10**9)).step,
+        "lossfree_nolog": LossFreeBalancer(
+            ours, LossFreeConfig(update_rule="sign", update_rate=1e-3, log_every=10**9)
+        ).step,
         "upstream": lambda: (
             _update_router_expert_bias(list(upstream), upstream_config, tp_dp_cp_group=group),
             reset_model_temporary_tensors(upstream_config, list(upstream)),

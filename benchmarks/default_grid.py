@@ -72,7 +72,7 @@ def job_dir(out: Path, setting: str, seed: int, label: str) -> Path:
 def run_job(out: Path, setting: str, seed: int, label: str) -> None:
     arm, overrides = CANDIDATES[label]
     directory = job_dir(out, setting, seed, label)
-    command = [sys.executable, "-m", "nemo_lossfree.cli", "demo", "--quiet", "--arms", arm,
+    command = [sys.executable, "-m", "nemo_lossfree.apps.cli", "demo", "--quiet", "--arms", arm,
                "--seed", str(seed), "--out", str(directory), *SETTINGS[setting]]
     for item in overrides:
         command += ["--lossfree", item]

@@ -58,8 +58,8 @@ def _worker_main(argv: list[str]) -> int:
     import torch
     import torch.distributed as dist
 
-    from nemo_lossfree.demo import trainer as trainer_module
-    from nemo_lossfree.demo import worker
+    from nemo_lossfree.apps.demo import trainer as trainer_module
+    from nemo_lossfree.apps.demo import worker
 
     evaluate = trainer_module.ArmTrainer.evaluate
 
@@ -154,7 +154,7 @@ def _val_token_ids(settings: dict, world: int):
     """The validation bytes in the order the routers saw them (rank, micro-batch, s-major)."""
     import numpy as np
 
-    from nemo_lossfree.demo.corpus import load_corpus, validation_batches
+    from nemo_lossfree.apps.demo.corpus import load_corpus, validation_batches
 
     corpus = load_corpus(settings["corpus"], max_bytes=settings["corpus_max_bytes"])
     ids = []
@@ -207,7 +207,7 @@ def analyse(out: Path, world: int) -> dict:
             "score_spread": float(val.std(dim=0).mean()),
             "median_topk_gap": float((ranked[:, topk - 1] - ranked[:, topk]).median()),
         })
-    mean = {key: float(np.mean([l[key] for l in layers])) for key in layers[0] if key != "layer"}
+    mean = {key: float(np.mean([layer[key] for layer in layers])) for key in layers[0] if key != "layer"}
     return {
         "settings": settings,
         "val_loss": arm["val_loss"],

@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from nemo_lossfree.testing.distributed import free_port  # noqa: E402
+
 import timing  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 
 FULL_SHAPES = ((8192, 1024, 64, 6), (4096, 1024, 256, 8), (16384, 4096, 256, 8))
@@ -187,7 +188,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def profile(shape, *, scope: str, dtype, device, row_limit: int = 15) -> str:
     """torch.profiler op tables of the lossfree and upstream_bias runs, for finding extra work."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     tokens, hidden, experts, topk = shape
     routers = build_routers(hidden, experts, topk, dtype, device)

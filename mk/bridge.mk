@@ -1,5 +1,5 @@
 # Megatron-Bridge (NeMo framework) lane: `make bridge-test` builds a lane venv
-# (megatron-bridge 0.6.2 on top of .venv, under ~/.cache/nemo-lossfree) and runs tests/bridge_stubs/lane_checks.py.
+# (megatron-bridge 0.6.2 on top of .venv, under ~/.cache/nemo-lossfree) and runs tests/_support/bridge_lane/lane_checks.py.
 .PHONY: bridge-test validate-configs
 
 bridge-test: venv

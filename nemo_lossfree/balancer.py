@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -21,14 +20,7 @@ import torch.distributed as dist
 from nemo_lossfree import metrics as lf_metrics
 from nemo_lossfree.config import LossFreeConfig
 from nemo_lossfree.router import LossFreeRouter, refuse_upstream_expert_bias
-from nemo_lossfree.update import (
-    adaptive_quantile_update,
-    adaptive_state,
-    compute_bias_update,
-    compute_bias_update_with_integral,
-    rule_step,
-    scheduled_rate,
-)
+from nemo_lossfree.update import apply_update, scheduled_rate, update_state
 
 logger = logging.getLogger(__name__)
 
@@ -89,15 +81,12 @@ class LossFreeBalancer:
         self.process_group = process_group if process_group is not None else self._router_group()
         self.steps_done = 0
         self.last_metrics: dict[str, float] = {}
-        # The drift-tracking integral of every router (config.integral_gain), float32
-        # like the bias. It is balancer state, saved by state_dict(), not a model
-        # buffer: checkpoints without it (upstream's, older runs') still load.
-        self.integrals: list[torch.Tensor] = [torch.zeros_like(r.expert_bias) for r in self.routers]
+        # What the update carries between steps, per router (update.update_state:
+        # the drift integral, the adaptive gain). Balancer state, saved by
+        # state_dict(), not model buffers: checkpoints without it still load.
+        self.update_states = [update_state(self.config, 1, r.expert_bias.numel()) for r in self.routers]
         self._router_index = {id(r): j for j, r in enumerate(self.routers)}
-        # The adaptive gain's per-router history (schedule "adaptive"); balancer
-        # state like the integrals, saved by state_dict().
-        self.adaptive = [adaptive_state(1, r.expert_bias.numel()) for r in self.routers]
-        self._gains: list[torch.Tensor] = []
+        self._rates: list[torch.Tensor] = []
         self.uses_margins = self.config.update_rule == "quantile"
         for router in self.routers:
             router.balancer_attached = True
@@ -178,7 +167,7 @@ class LossFreeBalancer:
         per_router_hist = [
             h.view(routers[i].local_margin_histogram.shape) for i, h in enumerate(pieces[len(sizes):])
         ]
-        by_experts: "OrderedDict[int, list[int]]" = OrderedDict()
+        by_experts: OrderedDict[int, list[int]] = OrderedDict()
         for index, size in enumerate(sizes):
             by_experts.setdefault(size, []).append(index)
         log_now = self.steps_done % self.config.log_every == 0
@@ -189,7 +178,7 @@ class LossFreeBalancer:
             counts_LE = torch.stack([per_router[i] for i in indices])
             hist_LE2B = torch.stack([per_router_hist[i] for i in indices]) if self.uses_margins else None
             if rate > 0:
-                self._update_biases([routers[i] for i in indices], counts_LE, rate, hist_LE2B)
+                self._update_biases([routers[i] for i in indices], counts_LE, hist_LE2B)
             if log_now:
                 vio_L = lf_metrics.max_violation(counts_LE).tolist()
                 maxvio.extend(vio_L)
@@ -201,11 +190,9 @@ class LossFreeBalancer:
             result.update(
                 lf_metrics.summarize(maxvio, [r.expert_bias for r in routers], dead)
             )
-            result["lossfree/update_rate"] = (
-                torch.cat(self._gains).mean().item() if self._gains else rate
-            )
+            result["lossfree/update_rate"] = torch.cat(self._rates).mean().item() if self._rates else rate
             self.last_metrics = result
-        self._gains = []
+        self._rates = []
         self.steps_done += 1
         return result
 
@@ -218,41 +205,28 @@ class LossFreeBalancer:
             router.forwards_since_update = 0
 
     def _update_biases(self, routers: Sequence[LossFreeRouter], counts_LE: torch.Tensor,
-                       rate: float, hist_LE2B: Optional[torch.Tensor] = None) -> None:
+                       hist_LE2B: Optional[torch.Tensor] = None) -> None:
         """One update of these routers' biases (same expert count) from their counts."""
-        cfg = self.config
         bias_LE = torch.stack([r.expert_bias for r in routers])
-        rule = dict(rate=rate, rule=cfg.update_rule, center=cfg.center, histogram=hist_LE2B)
-        if cfg.schedule == "adaptive":
-            slots = [self._router_index[id(r)] for r in routers]
-            state = {key: torch.cat([self.adaptive[j][key].to(bias_LE.device) for j in slots])
-                     for key in self.adaptive[slots[0]]}
-            move_LE = rule_step(counts_LE, rate=1.0, rule="quantile", histogram=hist_LE2B)
-            updated_LE, new_state, gain_L1 = adaptive_quantile_update(
-                counts_LE, bias_LE, move_LE, state, ceiling=rate, floor=cfg.min_update_rate,
-                center=cfg.center,
-            )
-            for n, j in enumerate(slots):
-                self.adaptive[j] = {key: value[n : n + 1] for key, value in new_state.items()}
-            self._gains.append(gain_L1.reshape(-1))  # read on logging steps only (no host sync)
-        elif cfg.integral_gain == 0:
-            updated_LE = compute_bias_update(counts_LE, bias_LE, **rule)
-        else:
-            slots = [self._router_index[id(r)] for r in routers]
-            for j in slots:
-                # The model may have moved (Megatron-LM builds it on the CPU, then .cuda()).
-                if self.integrals[j].device != bias_LE.device:
-                    self.integrals[j] = self.integrals[j].to(bias_LE.device)
-            integral_LE = torch.stack([self.integrals[j] for j in slots])
-            updated_LE, new_integral_LE = compute_bias_update_with_integral(
-                counts_LE, bias_LE, integral_LE, gain=cfg.integral_gain, decay=cfg.integral_decay,
-                **rule,
-            )
-            torch._foreach_copy_([self.integrals[j] for j in slots], list(new_integral_LE.unbind(0)))
+        slots = [self._router_index[id(r)] for r in routers]
+        # The model may have moved since (Megatron-LM builds it on the CPU, then .cuda()).
+        state = {key: torch.cat([self.update_states[j][key].to(bias_LE.device) for j in slots])
+                 for key in self.update_states[slots[0]]}
+        updated_LE, state, rate_L1 = apply_update(self.config, self.steps_done, counts_LE, bias_LE, state,
+                                                  hist_LE2B)
+        for n, j in enumerate(slots):
+            self.update_states[j] = {key: value[n : n + 1] for key, value in state.items()}
+        self._rates.append(rate_L1.reshape(-1))  # read on logging steps only (no host sync)
         torch._foreach_copy_([r.expert_bias for r in routers], list(updated_LE.unbind(0)))
 
+    @property
+    def integrals(self) -> list[torch.Tensor]:
+        """Each router's drift integral ``[E]`` (zeros while ``integral_gain`` is 0)."""
+        return [s["integral"][0] if "integral" in s else torch.zeros_like(r.expert_bias)
+                for s, r in zip(self.update_states, self.routers)]
+
     # ---------------------------------------------------------- integration
-    def attach(self, transformer_config: Any) -> "LossFreeBalancer":
+    def attach(self, transformer_config: Any) -> LossFreeBalancer:
         """Run ``step()`` inside ``transformer_config.finalize_model_grads_func``.
 
         Megatron-Core's schedules, Megatron-LM's ``train()`` and
@@ -286,7 +260,8 @@ class LossFreeBalancer:
         if self.config.integral_gain > 0:
             state["integrals"] = [t.detach().cpu().clone() for t in self.integrals]
         if self.config.schedule == "adaptive":
-            state["adaptive"] = [{k: v.detach().cpu().clone() for k, v in a.items()} for a in self.adaptive]
+            state["adaptive"] = [{k: s[k].detach().cpu().clone() for k in ("gain", "previous", "seen")}
+                                 for s in self.update_states]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -297,22 +272,28 @@ class LossFreeBalancer:
             )
         self.steps_done = int(state["steps_done"])
         adaptive = state.get("adaptive")
-        if adaptive is not None:
-            if len(adaptive) != len(self.adaptive) or any(
-                a["x"].shape != mine["x"].shape for a, mine in zip(adaptive, self.adaptive)
+        if adaptive is not None and self.config.schedule == "adaptive":
+            if any(set(a) != {"gain", "previous", "seen"} for a in adaptive):
+                # Saved by the earlier moment-estimate gain: its history means nothing to this one.
+                logger.warning("LossFreeBalancer: the checkpoint's adaptive-gain state is of an older "
+                               "format; the gain restarts from lossfree.update_rate")
+            elif len(adaptive) != len(self.update_states) or any(
+                a["previous"].shape != mine["previous"].shape for a, mine in zip(adaptive, self.update_states)
             ):
                 raise ValueError("state['adaptive']: does not match this model's routers")
-            self.adaptive = [{k: v.clone() for k, v in a.items()} for a in adaptive]
+            else:
+                for mine, saved in zip(self.update_states, adaptive):
+                    mine.update({k: v.clone() for k, v in saved.items()})
         integrals = state.get("integrals")
-        if integrals is not None:
+        if integrals is not None and self.config.integral_gain > 0:
             shapes = [tuple(t.shape) for t in self.integrals]
             saved_shapes = [tuple(t.shape) for t in integrals]
             if saved_shapes != shapes:
                 raise ValueError(
                     f"state['integrals']: shapes {saved_shapes} do not match this model's routers {shapes}"
                 )
-            for mine, saved in zip(self.integrals, integrals):
-                mine.copy_(saved.to(device=mine.device, dtype=mine.dtype))
+            for mine, saved in zip(self.update_states, integrals):
+                mine["integral"] = saved.to(dtype=torch.float32).reshape(1, -1).clone()
         elif self.config.integral_gain > 0 and self.steps_done > 0:
             logger.warning(
                 "LossFreeBalancer: the checkpoint has no integral term (saved with "

@@ -209,7 +209,7 @@ class LossFreeConfig:
             )
 
     @classmethod
-    def from_dict(cls, section: Optional[Mapping[str, Any]]) -> "LossFreeConfig":
+    def from_dict(cls, section: Optional[Mapping[str, Any]]) -> LossFreeConfig:
         """Build from a plain mapping such as a YAML ``lossfree:`` section.
 
         Unknown keys are errors (a typo must not silently fall back to a default).

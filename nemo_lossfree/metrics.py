@@ -8,7 +8,7 @@ MaxVio_global the counts summed over a whole evaluation set
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -86,7 +86,7 @@ class RouterLoadRecorder:
 
         return record
 
-    def __enter__(self) -> "RouterLoadRecorder":
+    def __enter__(self) -> RouterLoadRecorder:
         for index, router in enumerate(self.routers):
             self._handles.append(
                 router.register_forward_hook(self._hook(index), with_kwargs=True)

@@ -26,7 +26,6 @@ import warnings
 from typing import Optional
 
 import torch
-
 from megatron.core.transformer.moe.moe_utils import (
     apply_router_token_dropping,
     compute_routing_scores_for_aux_loss,

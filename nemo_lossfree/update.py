@@ -32,7 +32,6 @@ import torch
 
 from nemo_lossfree.config import UPDATE_RULES, LossFreeConfig, _check_rate
 
-
 # ---------------------------------------------------------------- margins
 # Bin edges of the margin histogram, in score units: 0 and +-SMALLEST * 2**j for
 # j < OCTAVES (1e-5 .. 5.2). Geometric bins are fine where the quantile lands
@@ -292,23 +291,9 @@ def compute_bias_update_with_integral(
 
 
 # ---------------------------------------------------------- adaptive gain
-#: Memory of the adaptive gain's moment estimates, in steps (EMA 1 - 1/M).
-ADAPTIVE_MEMORY_STEPS = 20
-
-
-def local_level_gain(noise_var: torch.Tensor, drift_var: torch.Tensor) -> torch.Tensor:
-    """Steady-state Kalman gain of a random walk observed in white noise.
-
-    The batch's balancing bias ``x_t`` is read as ``a_t + e_t``: a level
-    ``a_t`` that drifts (``a_t = a_{t-1} + w_t``, variance ``drift_var``) seen
-    through count noise ``e_t`` (variance ``noise_var``). The best linear
-    filter is an EMA with gain ``K = p / (p + 1)``, ``p = (r + sqrt(r^2 +
-    4r)) / 2``, ``r = drift_var / noise_var`` (Muth 1960): follow fast when
-    the router drifts, average many batches when the counts are noisy.
-    """
-    r = drift_var / noise_var.clamp(min=1e-30)
-    p = (r + torch.sqrt(r * r + 4 * r)) / 2
-    return torch.where(noise_var > 0, p / (p + 1), torch.ones_like(p))
+#: How fast the adaptive gain moves: its logarithm changes by this times the
+#: correlation of two successive moves per step (at most a factor e**0.2).
+ADAPTIVE_GAIN_STEP = 0.2
 
 
 def adaptive_quantile_update(
@@ -321,51 +306,96 @@ def adaptive_quantile_update(
     floor: float,
     center: bool,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """The quantile step with a gain per layer measured from the step's own history.
+    """The quantile step with a gain per layer that keeps successive moves uncorrelated.
 
-    ``step`` is ``quantile_step``'s ``[L, E]`` move, so ``x = bias + step``
-    (centered) is this batch's balancing bias. Successive differences
-    ``d_t = x_t - x_{t-1}`` of a random walk in noise have variance
-    ``q + 2 s`` and lag-1 covariance ``-s`` (``q`` drift, ``s`` noise
-    variance); both are tracked per layer over the experts with an EMA of
-    ``ADAPTIVE_MEMORY_STEPS`` steps, and the gain is ``local_level_gain(s,
-    q)`` clamped to ``[floor, ceiling]`` (``ceiling`` until two differences
-    are known). Returns ``(bias, state, gain_L1)``; ``state`` holds
-    ``x``, ``d``, ``var``, ``cov`` and ``seen`` (steps observed), all tensors.
-    A layer whose ``counts`` hold no token keeps its bias and its history.
+    ``step`` is ``quantile_step``'s ``[L, E]`` move with the current bias, and
+    the bias takes ``gain * step``. Read the batch's balancing bias ``bias +
+    step`` as a level that drifts as the router trains, seen through the
+    count noise of one batch. A gain too small trails the drift: successive
+    moves point the same way. A gain too large follows each batch's noise:
+    they alternate. The moves are uncorrelated (white) exactly at the Kalman
+    gain of that local-level model, ``q / r = g**2 / (1 - g)`` (drift
+    variance q, noise variance r), so the gain is steered by the cosine
+    ``rho`` between this step's and the last step's centered moves:
+    ``gain <- clamp(gain * exp(ADAPTIVE_GAIN_STEP * rho), floor, ceiling)``,
+    starting at ``ceiling``. Nothing is estimated but the sign of a
+    correlation: no variances, no shape of the noise (a batch's balancing
+    bias need not be Gaussian: identical tokens make it jump). Returns
+    ``(bias, state, gain_L1)``; ``state`` holds ``gain`` ``[L, 1]``,
+    ``previous`` (the last centered move) ``[L, E]`` and ``seen`` ``[L, 1]``.
+    A layer whose ``counts`` hold no token keeps its bias and its state.
     """
-    x = _centered(bias.double() + step.double(), True)
-    seen = state["seen"]
-    d = x - state["x"]
-    memory = 1.0 - 1.0 / ADAPTIVE_MEMORY_STEPS
-    has_d = seen >= 1
-    has_pair = seen >= 2
-    var = torch.where(has_d, memory * state["var"] + (1 - memory) * (d * d).mean(-1, keepdim=True),
-                      state["var"])
-    cov = torch.where(has_pair, memory * state["cov"] + (1 - memory) * (d * state["d"]).mean(-1, keepdim=True),
-                      state["cov"])
-    # Debiased EMAs (they start at 0).
-    var_hat = var / (1 - memory ** (seen.clamp(min=1)).double())
-    pairs = (seen - 1).clamp(min=1).double()
-    cov_hat = cov / (1 - memory ** pairs)
-    noise = (-cov_hat).clamp(min=0)
-    drift = (var_hat - 2 * noise).clamp(min=0)
-    gain = local_level_gain(noise, drift).clamp(floor, ceiling)
-    gain = torch.where(seen >= 3, gain, torch.full_like(gain, ceiling))
+    move = step.double() - step.double().mean(-1, keepdim=True)
+    previous, seen = state["previous"], state["seen"]
+    dot = (move * previous).sum(-1, keepdim=True)
+    norms = ((move * move).sum(-1, keepdim=True) * (previous * previous).sum(-1, keepdim=True)).sqrt()
+    rho = torch.where((seen >= 1) & (norms > 0), dot / norms.clamp(min=1e-300), torch.zeros_like(dot))
+    gain = (state["gain"] * torch.exp(ADAPTIVE_GAIN_STEP * rho)).clamp(floor, ceiling)
     updated = _centered(bias + (gain * step.double()).to(bias.dtype), center)
-    new_state = {"x": x, "d": torch.where(has_d, d, torch.zeros_like(d)), "var": var, "cov": cov,
-                 "seen": seen + 1}
+    new_state = {"gain": gain, "previous": move, "seen": seen + 1}
     keep_L1 = ~_has_tokens(counts)
     new_state = {key: torch.where(keep_L1, state[key], value) for key, value in new_state.items()}
-    return torch.where(keep_L1, bias, updated), new_state, gain
+    return torch.where(keep_L1, bias, updated), new_state, new_state["gain"]
 
 
-def adaptive_state(layers: int, experts: int, device=None) -> dict[str, torch.Tensor]:
-    """The empty state of ``adaptive_quantile_update`` for ``[layers, experts]``."""
-    zeros = dict(dtype=torch.float64, device=device)
-    return {"x": torch.zeros(layers, experts, **zeros), "d": torch.zeros(layers, experts, **zeros),
-            "var": torch.zeros(layers, 1, **zeros), "cov": torch.zeros(layers, 1, **zeros),
+def adaptive_state(layers: int, experts: int, *, ceiling: float, device=None) -> dict[str, torch.Tensor]:
+    """The starting state of ``adaptive_quantile_update`` for ``[layers, experts]``: gain at ``ceiling``."""
+    return {"gain": torch.full((layers, 1), float(ceiling), dtype=torch.float64, device=device),
+            "previous": torch.zeros(layers, experts, dtype=torch.float64, device=device),
             "seen": torch.zeros(layers, 1, dtype=torch.int64, device=device)}
+
+
+def update_state(config: LossFreeConfig, layers: int, experts: int, device=None) -> dict[str, torch.Tensor]:
+    """What ``config``'s update carries from one step to the next, per layer (``[layers, ...]``).
+
+    ``integral`` (``integral_gain > 0``, float32 like the bias) and the
+    adaptive gain's ``gain``, ``previous`` and ``seen`` (``schedule:
+    adaptive``); empty for the plain rules.
+    """
+    state: dict[str, torch.Tensor] = {}
+    if config.integral_gain > 0:
+        state["integral"] = torch.zeros(layers, experts, dtype=torch.float32, device=device)
+    if config.schedule == "adaptive":
+        state.update(adaptive_state(layers, experts, ceiling=config.update_rate, device=device))
+    return state
+
+
+def apply_update(
+    config: LossFreeConfig,
+    step: int,
+    counts: torch.Tensor,
+    bias: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    histogram: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """One balancer step of ``config`` for ``[L, E]`` layers: ``(bias, state, rate_L1)``.
+
+    The one place that turns a config into an update (the balancer, the
+    simulator and the replay benchmark call it): the schedule's rate at
+    ``step``, then the rule, the integral or the adaptive gain. ``state`` is
+    ``update_state``'s; ``rate_L1`` is the rate each layer took (the adaptive
+    gain, or the schedule's rate), a tensor so that reading it is the
+    caller's choice (no host synchronisation here).
+    """
+    rate = scheduled_rate(config, step)
+    rule = dict(rule=config.update_rule, center=config.center, histogram=histogram)
+    taken = torch.full((bias.shape[0], 1), rate, dtype=torch.float64, device=bias.device)
+    if rate == 0:
+        return bias, state, taken
+    if config.schedule == "adaptive":
+        move = rule_step(counts, rate=1.0, rule="quantile", histogram=histogram)
+        bias, adaptive, gain = adaptive_quantile_update(
+            counts, bias, move, {k: state[k] for k in ("gain", "previous", "seen")},
+            ceiling=rate, floor=config.min_update_rate, center=config.center,
+        )
+        return bias, {**state, **adaptive}, gain
+    if config.integral_gain > 0:
+        bias, integral = compute_bias_update_with_integral(
+            counts, bias, state["integral"], rate=rate, gain=config.integral_gain,
+            decay=config.integral_decay, **rule,
+        )
+        return bias, {**state, "integral": integral}, taken
+    return compute_bias_update(counts, bias, rate=rate, **rule), state, taken
 
 
 def scheduled_rate(config: LossFreeConfig, step: int) -> float:

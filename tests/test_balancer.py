@@ -114,7 +114,8 @@ def test_frozen_and_eval_routers_are_left_alone(pg_collection):
 
 def test_schedule_and_log_every(pg_collection):
     model = routers_with_expert_counts(pg_collection, [8])
-    cfg = LossFreeConfig(update_rule="sign", update_rate=0.1, schedule="inverse_time", decay_steps=1, log_every=2, center=False)
+    cfg = LossFreeConfig(update_rule="sign", update_rate=0.1, schedule="inverse_time", decay_steps=1, log_every=2,
+                         center=False)
     balancer = LossFreeBalancer(model, cfg)
     seen = []
     for _ in range(4):
@@ -125,7 +126,9 @@ def test_schedule_and_log_every(pg_collection):
 
 def test_frozen_bias_stays_bit_exact_even_with_centering(pg_collection):
     model = routers_with_expert_counts(pg_collection, [8])
-    balancer = LossFreeBalancer(model, LossFreeConfig(update_rule="sign", update_rate=0.1, center=True, freeze_after_steps=2))
+    balancer = LossFreeBalancer(
+        model, LossFreeConfig(update_rule="sign", update_rate=0.1, center=True, freeze_after_steps=2)
+    )
     # Values whose mean is not exact in float32: re-centering them moves bits.
     model[0].expert_bias.copy_(torch.randn(8, generator=torch.Generator().manual_seed(0)) / 3)
     for _ in range(2):

@@ -74,9 +74,9 @@ def test_balancer_cost_quick_two_ranks(tmp_path):
 
 
 def test_demo_bias_headroom_tiny(tmp_path):
-    from test_demo_support import TINY
-
     from nemo_lossfree.testing.distributed import free_port
+
+    from _support.demo_workers import TINY
 
     out = tmp_path / "headroom"
     stdout = run_script("demo_bias_headroom.py", "--out", str(out), "--port", str(free_port()),

@@ -1,5 +1,5 @@
 """The Bridge flag's pieces that need only Megatron-Core (the real-Bridge checks
-run in the Bridge lane: tests/bridge_stubs/lane_checks.py)."""
+run in the Bridge lane: tests/_support/bridge_lane/lane_checks.py)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from nemo_lossfree.bridge import pretrain as bridge_pretrain
 from nemo_lossfree.integrations.bridge import (
     LossFreeLayerSpec,
     check_model_settings,
     enable_lossfree,
     lossfree_config,
 )
+from nemo_lossfree.integrations.bridge import pretrain as bridge_pretrain
 from nemo_lossfree.testing.models import moe_transformer_config
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml")
@@ -143,7 +143,7 @@ def test_entry_point_without_bridge_says_what_to_install(capsys, monkeypatch):
                     reason="Megatron-Bridge is installed here")
 def test_entry_point_process_without_bridge_is_one_line():
     result = subprocess.run(
-        [sys.executable, "-m", "nemo_lossfree.bridge.pretrain", "--recipe", "vanilla_gpt_pretrain_config",
+        [sys.executable, "-m", "nemo_lossfree.integrations.bridge.pretrain", "--recipe", "vanilla_gpt_pretrain_config",
          "--config-file", TINY], capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2

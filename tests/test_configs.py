@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from nemo_lossfree import layout_check
-from nemo_lossfree.run_config import load_run_config, tasks_per_node
+from nemo_lossfree.runconfig import validate
+from nemo_lossfree.runconfig.load import load_run_config, tasks_per_node
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 # GPTModelProvider (Megatron-Bridge) fields that are not TransformerConfig fields.
@@ -25,7 +25,7 @@ def test_the_promised_configs_exist():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_is_valid_and_states_its_gpu_count(path):
     config = load_run_config(path)
-    problems, _, facts = layout_check.check(config)
+    problems, _, facts = validate.check(config)
     assert problems == []
     # The header comment names the layout, and the cluster section agrees with it.
     header = path.read_text().split("\ncluster:")[0]
@@ -62,7 +62,7 @@ def test_paper_configs_follow_the_paper(name):
 
 def test_deepseek_v3_config_is_for_about_1024_gpus_with_expert_parallelism():
     config = load_run_config(next(p for p in CONFIGS if p.name == "deepseek-v3-1024gpu.yaml"))
-    _, _, facts = layout_check.check(config)
+    _, _, facts = validate.check(config)
     assert facts["world"] == 1024 and config["cluster"]["gpus_per_node"] == 8
     assert facts["ep"] > 1 and facts["experts"] // facts["ep"] == 4
 
@@ -107,7 +107,7 @@ def test_layout_rules_agree_with_megatron_transformer_config(changes, key):
     config["lossfree"]["enabled"] = False  # let Megatron's own expert bias rule speak
     config["cluster"]["tasks_per_node"] = 16  # room for PP
     config["train"]["global_batch_size"] = 64
-    problems = layout_check.find_problems(config)
+    problems = validate.find_problems(config)
     assert any(p.startswith(key + ":") for p in problems), problems
     fields = {k: v for k, v in config["model"].items() if k not in {"seq_length", "vocab_size"}}
     with pytest.raises((ValueError, AssertionError)):
@@ -118,5 +118,5 @@ def test_each_problem_line_names_a_key():
     config = load_run_config(next(p for p in CONFIGS if p.name == "tiny-cpu.yaml"))
     config["model"].update(expert_model_parallel_size=3, sequence_parallel=True)
     config["lossfree"]["update_rate"] = -1
-    for line in layout_check.find_problems(config):
+    for line in validate.find_problems(config):
         assert re.match(r"^(cluster|model|train|lossfree)(\.[a-z_]+)?: ", line), line

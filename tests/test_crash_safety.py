@@ -15,10 +15,11 @@ import sys
 import time
 
 import pytest
-from test_demo_support import TINY, arm_json, run_workers
 
-from nemo_lossfree.demo import checkpoint
-from nemo_lossfree.demo.worker import EXIT_STOPPED
+from nemo_lossfree.apps.demo import checkpoint
+from nemo_lossfree.apps.demo.worker import EXIT_STOPPED
+
+from _support.demo_workers import TINY, arm_json, run_workers
 
 STEPS = 7
 COMMON = [*TINY, "--steps", str(STEPS), "--arm", "loss_free", "--lossfree", "update_rate=0.3"]
@@ -38,7 +39,7 @@ def save(state, directory, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return result
 dist_checkpointing.save = save
-runpy.run_module("nemo_lossfree.demo.worker", run_name="__main__")
+runpy.run_module("nemo_lossfree.apps.demo.worker", run_name="__main__")
 """
 
 

@@ -8,12 +8,13 @@ import subprocess
 import sys
 
 import pytest
-from test_demo_support import TINY, run_workers_to_exit
+
+from nemo_lossfree.apps.demo.arms import DEFAULT_ARMS as ARMS
+
+from _support.demo_workers import TINY, run_workers_to_exit
 
 # The fixture trains the default arms in 2 processes: seconds on idle cores, minutes on a loaded machine.
 pytestmark = pytest.mark.timeout(1200)
-
-from nemo_lossfree.demo.arms import DEFAULT_ARMS as ARMS
 
 BIAS_ARMS = ("loss_free", "megatron_bias", "megatron_qb")
 STEPS = 4
@@ -23,7 +24,7 @@ STEPS = 4
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     result = subprocess.run(
-        [sys.executable, "-m", "nemo_lossfree.cli", "demo", "--out", str(out), "--steps", str(STEPS),
+        [sys.executable, "-m", "nemo_lossfree.apps.cli", "demo", "--out", str(out), "--steps", str(STEPS),
          "--quiet", *TINY, "--dense-layers", "1"],
         capture_output=True, text=True, timeout=900,
     )
@@ -114,7 +115,7 @@ def test_pareto_against_the_aux_loss_frontier(demo_run):
 
 def test_report_command_prints_the_table(demo_run):
     out, _ = demo_run
-    result = subprocess.run([sys.executable, "-m", "nemo_lossfree.cli", "report", str(out),
+    result = subprocess.run([sys.executable, "-m", "nemo_lossfree.apps.cli", "report", str(out),
                              "--format", "markdown"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
@@ -145,8 +146,8 @@ def test_report_command_prints_the_table(demo_run):
     ],
 )
 def test_bad_options_are_refused_by_name(tmp_path, capsys, monkeypatch, argv, message):
-    from nemo_lossfree.cli import main
-    from nemo_lossfree.demo import launcher
+    from nemo_lossfree.apps.cli import main
+    from nemo_lossfree.apps.demo import launcher
 
     # Refused up front: no worker process may start (they would fail later, or train nonsense).
     monkeypatch.setattr(launcher, "launch", lambda *a, **k: pytest.fail("a worker was started"))
@@ -174,7 +175,7 @@ def test_worker_refuses_bad_flags_before_joining(tmp_path, argv, message):
                                        *TINY, *argv])
     assert codes == [2, 2], errs
     for err in errs:
-        assert err.strip() == f"nemo_lossfree.demo.worker: {message}", err
+        assert err.strip() == f"nemo_lossfree.apps.demo.worker: {message}", err
 
 
 def test_launcher_retries_when_its_port_is_taken(tmp_path, monkeypatch, capsys):
@@ -183,7 +184,7 @@ def test_launcher_retries_when_its_port_is_taken(tmp_path, monkeypatch, capsys):
     # launcher must start over on a fresh port instead of failing or hanging.
     import socket
 
-    from nemo_lossfree.demo import launcher
+    from nemo_lossfree.apps.demo import launcher
     from nemo_lossfree.testing.distributed import free_port
 
     with socket.socket() as taken:

@@ -10,7 +10,7 @@ def _pair(pg_collection, **overrides):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
-    from nemo_lossfree.demo.attention import SdpaDotProductAttention
+    from nemo_lossfree.apps.demo.attention import SdpaDotProductAttention
 
     config = moe_transformer_config(num_layers=1, hidden_size=32, num_attention_heads=4,
                                     num_experts=4, topk=2, **overrides)
@@ -72,10 +72,10 @@ def test_an_explicit_mask_runs_upstreams_forward(pg_collection, monkeypatch):
 
 @pytest.mark.parametrize("dense_layers", [0, 1])
 def test_demo_model_uses_it_in_every_layer(single_rank, dense_layers):
-    from nemo_lossfree.demo.corpus import load_corpus
-    from nemo_lossfree.demo.settings import DemoSettings
-    from nemo_lossfree.demo.trainer import ArmTrainer
-    from nemo_lossfree.demo.attention import SdpaDotProductAttention
+    from nemo_lossfree.apps.demo.attention import SdpaDotProductAttention
+    from nemo_lossfree.apps.demo.corpus import load_corpus
+    from nemo_lossfree.apps.demo.settings import DemoSettings
+    from nemo_lossfree.apps.demo.trainer import ArmTrainer
 
     settings = DemoSettings(dense_layers=dense_layers, num_layers=2, val_windows=2, experts=4,
                             corpus_max_bytes=1 << 18)
@@ -87,7 +87,7 @@ def test_demo_model_uses_it_in_every_layer(single_rank, dense_layers):
 def test_spec_rewrite_leaves_the_input_alone():
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    from nemo_lossfree.demo.attention import SdpaDotProductAttention, with_sdpa_attention
+    from nemo_lossfree.apps.demo.attention import SdpaDotProductAttention, with_sdpa_attention
 
     spec = gpt_moe_layer_spec(4)
     rewritten = with_sdpa_attention(spec)

@@ -2,8 +2,9 @@
 
 import torch
 
-import dist_workers
 from nemo_lossfree.testing.distributed import run_on_ranks
+
+from _support import dist_workers
 
 STEPS = 4
 

@@ -117,8 +117,8 @@ def _install_check(out: Path) -> None:
     from megatron.training.arguments import parse_args
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from nemo_lossfree.testing.cpu import cuda_allocations_on_cpu
     from nemo_lossfree.integrations import megatron_lm
+    from nemo_lossfree.testing.cpu import cuda_allocations_on_cpu
     from nemo_lossfree.testing.models import moe_transformer_config
 
     cpu.init_distributed(0, 1, init_method="tcp://127.0.0.1:0")

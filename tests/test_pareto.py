@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from nemo_lossfree.demo.pareto import aux_frontier, describe, frontier_loss_at, matched_balance
-from nemo_lossfree.demo.results import combine_seeds
+from nemo_lossfree.apps.demo.pareto import aux_frontier, describe, frontier_loss_at, matched_balance
+from nemo_lossfree.apps.demo.results import combine_seeds
 
 
 def _arms(loss_free=(0.2, 2.0)):

@@ -9,9 +9,10 @@ balancer's step drives an inverse-time rate schedule) and ``megatron_bias``
 from __future__ import annotations
 
 import pytest
-from test_demo_support import TINY, arm_json, run_workers, run_workers_to_exit, send_usr1
 
-from nemo_lossfree.demo.worker import EXIT_STOPPED
+from nemo_lossfree.apps.demo.worker import EXIT_STOPPED
+
+from _support.demo_workers import TINY, arm_json, run_workers, run_workers_to_exit, send_usr1
 
 STEPS = 8
 ARMS = "loss_free,megatron_bias"
@@ -73,8 +74,8 @@ def _finished_arm(out, arm: str, argv: list[str]) -> None:
     """A finished ``<out>/<arm>.json`` as the worker records it, for the settings of ``argv``."""
     import json
 
-    from nemo_lossfree.demo.settings import settings_from_args
-    from nemo_lossfree.demo.worker import build_parser
+    from nemo_lossfree.apps.demo.settings import settings_from_args
+    from nemo_lossfree.apps.demo.worker import build_parser
 
     settings = settings_from_args(build_parser().parse_args(["--arm", arm, "--out", str(out), *argv]))
     out.mkdir(parents=True, exist_ok=True)
@@ -91,8 +92,8 @@ OTHER_SETTINGS = [
 
 
 def _refused_by_the_command(tmp_path, capsys, monkeypatch, argv) -> str:
-    from nemo_lossfree.cli import main
-    from nemo_lossfree.demo import launcher
+    from nemo_lossfree.apps.cli import main
+    from nemo_lossfree.apps.demo import launcher
 
     monkeypatch.setattr(launcher, "launch", lambda *a, **k: pytest.fail("a worker was started"))
     assert main(["demo", "--quiet", "--arms", "loss_free", *TINY, *argv]) == 2
@@ -124,8 +125,8 @@ def test_load_of_the_same_settings_or_of_the_save_path_still_runs(tmp_path, monk
     # Today's behaviour stays: a finished arm of the same settings is skipped
     # (by the worker), and --load DIR --save DIR with no DIR yet is a first run
     # that resumes when requeued (the SLURM jobs' command line).
-    from nemo_lossfree.cli import main
-    from nemo_lossfree.demo import launcher
+    from nemo_lossfree.apps.cli import main
+    from nemo_lossfree.apps.demo import launcher
 
     started = []
     monkeypatch.setattr(launcher, "launch", lambda argv, *a, **k: started.append(argv) or 1)
@@ -155,5 +156,5 @@ def test_worker_refuses_the_same_loads(tmp_path, case):
                                        *TINY, "--steps", "1"])
     assert codes == [2, 2], errs
     for err in errs:
-        assert err.startswith("nemo_lossfree.demo.worker: load: ") and message in err, err
+        assert err.startswith("nemo_lossfree.apps.demo.worker: load: ") and message in err, err
         assert len(err.strip().splitlines()) == 1, err

@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemo_lossfree.cli import main
-from nemo_lossfree.metrics import max_violation
-from nemo_lossfree.simulator import (
+from nemo_lossfree.apps.cli import main
+from nemo_lossfree.apps.simulator import (
     CandidateTopK,
     Environment,
     RecordedPool,
@@ -20,6 +19,7 @@ from nemo_lossfree.simulator import (
     simulate,
     strategy_config,
 )
+from nemo_lossfree.metrics import max_violation
 from nemo_lossfree.update import compute_bias_update
 
 
@@ -92,7 +92,7 @@ def test_recommendation_is_the_rate_with_least_regret():
 
 def test_recommendation_meets_its_own_target_first():
     """A rate with less regret that never reaches the target loses to one that does."""
-    from nemo_lossfree.simulator.dynamics import Trace
+    from nemo_lossfree.apps.simulator.dynamics import Trace
 
     def trace(rate, maxvio):
         return Trace(name=f"rate={rate}", config=strategy_config("centered", rate=rate, steps=len(maxvio)),
@@ -170,7 +170,7 @@ def test_command_rejects_bad_input(tmp_path, capsys):
 
 
 def test_command_checks_the_output_dir_before_computing(tmp_path, capsys, monkeypatch):
-    import nemo_lossfree.simulator as simulator
+    import nemo_lossfree.apps.simulator as simulator
 
     def no_work(*args, **kwargs):
         raise AssertionError("simulated before checking --out-dir")

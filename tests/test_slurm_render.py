@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from nemo_lossfree.launch.job import STOPPED_EXIT_CODE, SlurmJob
-from nemo_lossfree.launch.render import render_sbatch
+from nemo_lossfree.apps.slurm.job import STOPPED_EXIT_CODE, SlurmJob
+from nemo_lossfree.apps.slurm.render import render_sbatch
 
-PRETRAIN = ["-m", "nemo_lossfree.bridge.pretrain", "--config-file", "configs/big.yaml"]
+PRETRAIN = ["-m", "nemo_lossfree.integrations.bridge.pretrain", "--config-file", "configs/big.yaml"]
 
 
 def gpu_job(**overrides) -> SlurmJob:
@@ -85,7 +85,7 @@ def test_multi_node_gpu_environment_and_torchrun_rendezvous():
         '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"',
         '--rdzv-id="$SLURM_JOB_ID"',
         "--max-restarts=0",
-        "-m nemo_lossfree.bridge.pretrain",
+        "-m nemo_lossfree.integrations.bridge.pretrain",
         "--config-file configs/big.yaml",
     ]
     # torchrun must pass USR1 on to its ranks, and give them time to save.
@@ -102,7 +102,7 @@ def test_scripts_pass_bash_syntax_check(tmp_path):
         "gpu-no-image": gpu_job(container_image=None, container_mounts=None, account=None,
                                 partition=None, time=None),
         "gpu-srun": gpu_job(ntasks_per_node=8),
-        "cpu": SlurmJob(command=["-m", "nemo_lossfree.demo.worker", "--arm", "loss_free", "--out", "a b"],
+        "cpu": SlurmJob(command=["-m", "nemo_lossfree.apps.demo.worker", "--arm", "loss_free", "--out", "a b"],
                         nodes=2, gpus_per_node=0, ntasks_per_node=2, requeue=False),
     }
     for name, job in jobs.items():
@@ -117,13 +117,13 @@ def test_one_task_per_gpu_uses_srun_and_slurm_ranks():
     script = render_sbatch(gpu_job(ntasks_per_node=8, container_image=None, container_mounts=None))
     assert "--ntasks-per-node=8" in sbatch_options(script)
     assert "torch.distributed.run" not in script
-    assert bash_array(script, "launch") == ["python", "-m nemo_lossfree.bridge.pretrain",
+    assert bash_array(script, "launch") == ["python", "-m nemo_lossfree.integrations.bridge.pretrain",
                                             "--config-file configs/big.yaml"]
     assert not any("container" in a for a in bash_array(script, "srun_args"))
 
 
 def test_cpu_layout_has_no_gpu_settings():
-    job = SlurmJob(command=["-m", "nemo_lossfree.demo.worker"], nodes=2, gpus_per_node=0,
+    job = SlurmJob(command=["-m", "nemo_lossfree.apps.demo.worker"], nodes=2, gpus_per_node=0,
                    ntasks_per_node=2, log_dir="/tmp/x/logs", workdir="/tmp/x")
     script = render_sbatch(job)
     options = sbatch_options(script)
@@ -165,7 +165,8 @@ esac
 FAKE_SRUN = """\
 #!/bin/bash
 printf '%s\\n' "$@" > "$FAKE_DIR/srun_argv"
-env | grep -E '^(MASTER_ADDR|MASTER_PORT|CUDA_DEVICE_MAX_CONNECTIONS|PET_SIGNALS_TO_HANDLE)=' | sort > "$FAKE_DIR/srun_env"
+env | grep -E '^(MASTER_ADDR|MASTER_PORT|CUDA_DEVICE_MAX_CONNECTIONS|PET_SIGNALS_TO_HANDLE)=' \\
+  | sort > "$FAKE_DIR/srun_env"
 if [ "$FAKE_MODE" = preempt ]; then
   # The training: on USR1 save and exit with the "stopped, resume me" code.
   trap 'echo saved >> "$FAKE_DIR/calls"; exit STOPPED' USR1
@@ -267,7 +268,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_every_config_has_a_valid_example_with_its_layout():
-    from nemo_lossfree.run_config import load_run_config
+    from nemo_lossfree.runconfig.load import load_run_config
 
     configs = sorted((REPO / "configs").glob("*.yaml"))
     assert configs, "no configs/*.yaml"
@@ -286,7 +287,7 @@ def test_every_config_has_a_valid_example_with_its_layout():
             assert f"--config-file configs/{config_path.name}" in bash_array(text, "launch"), stale
         else:
             assert f"--ntasks-per-node={cluster['tasks_per_node']}" in options, stale
-            assert "-m nemo_lossfree.demo.worker" in bash_array(text, "launch"), stale
+            assert "-m nemo_lossfree.apps.demo.worker" in bash_array(text, "launch"), stale
 
 
 # ---- the command line ---------------------------------------------------------
@@ -313,7 +314,7 @@ def _repo_env() -> dict:
 
 
 def _cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nemo_lossfree.cli", "slurm", *argv],
+    return subprocess.run([sys.executable, "-m", "nemo_lossfree.apps.cli", "slurm", *argv],
                           cwd=cwd, env=_repo_env(), capture_output=True, text=True, timeout=60)
 
 
@@ -325,7 +326,7 @@ def test_cli_cpu_job_translates_the_config(tmp_path):
     script = proc.stdout
     assert "--ntasks-per-node=2" in sbatch_options(script)  # from cluster.tasks_per_node
     launch = bash_array(script, "launch")
-    assert launch[0] == sys.executable and launch[1] == "-m nemo_lossfree.demo.worker"
+    assert launch[0] == sys.executable and launch[1] == "-m nemo_lossfree.apps.demo.worker"
     job = tmp_path / "job"
     for expected in ("--arm loss_free", f"--out {job}/results", f"--save {job}/checkpoints",
                      f"--load {job}/checkpoints", "--save-interval 10", "--steps 12", "--experts 8",
@@ -345,7 +346,7 @@ def test_cli_gpu_job_runs_the_bridge_entry_point(tmp_path):
                 "train.global_batch_size=2048", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     launch = bash_array(proc.stdout, "launch")
-    assert launch[-6:] == ["-m nemo_lossfree.bridge.pretrain", "--recipe deepseek_v3_pretrain_config",
+    assert launch[-6:] == ["-m nemo_lossfree.integrations.bridge.pretrain", "--recipe deepseek_v3_pretrain_config",
                            "--config-file big.yaml", "lossfree.update_rate=0.001",
                            "train.global_batch_size=2048", "checkpoint.load=/lustre/ckpt"]
     assert "--nproc-per-node=8" in launch
@@ -359,7 +360,7 @@ def test_cli_gpu_job_runs_the_bridge_entry_point(tmp_path):
     (["--ntasks-per-node", "3"], "model.expert_model_parallel_size: EP x ETP = 2 x 1 must divide"),
     (["train.global_batch_size=6"], "train.global_batch_size: must be divisible by micro_batch_size x DP"),
     (["--gpus-per-node", "8", "--ntasks-per-node", "3"], "--ntasks-per-node: with GPUs it must be 1"),
-    (["--gpus-per-node", "8"], "--recipe: GPU jobs run nemo_lossfree.bridge.pretrain"),
+    (["--gpus-per-node", "8"], "--recipe: GPU jobs run nemo_lossfree.integrations.bridge.pretrain"),
     (["--time", "1 day"], "--time: must be a SLURM time"),
 ])
 def test_cli_rejects_bad_input_with_the_key(tmp_path, argv, message):
@@ -376,9 +377,9 @@ def test_the_tiny_cpu_configs_worker_flags_are_exactly_its_lossfree_section():
     and a job of configs/tiny-cpu.yaml failed with min_update_rate > update_rate.)
     """
     from nemo_lossfree import LossFreeConfig
-    from nemo_lossfree.demo.settings import settings_from_args
-    from nemo_lossfree.demo.worker import build_parser
-    from nemo_lossfree.launch.payload import load_config, worker_flags
+    from nemo_lossfree.apps.demo.settings import settings_from_args
+    from nemo_lossfree.apps.demo.worker import build_parser
+    from nemo_lossfree.apps.slurm.payload import load_config, worker_flags
 
     config = load_config("configs/tiny-cpu.yaml", [])
     flags = worker_flags(config, world_size=2)
@@ -435,7 +436,7 @@ def _fake_sbatch(tmp_path: Path) -> dict:
 
 def test_cli_refuses_a_bad_config_before_writing_or_submitting(tmp_path):
     (tmp_path / "tiny.yaml").write_text(TINY)
-    proc = subprocess.run([sys.executable, "-m", "nemo_lossfree.cli", "slurm", "--config", "tiny.yaml",
+    proc = subprocess.run([sys.executable, "-m", "nemo_lossfree.apps.cli", "slurm", "--config", "tiny.yaml",
                            "--output-dir", "job", "lossfree.update_rate=-1"],
                           cwd=tmp_path, env=_fake_sbatch(tmp_path), capture_output=True, text=True,
                           timeout=60)
@@ -458,7 +459,7 @@ def test_cli_unwritable_output_dir_is_one_line_naming_the_flag(tmp_path, dry_run
     env = _fake_sbatch(tmp_path)
     for out_dir in _unwritable_dirs(tmp_path):
         argv = ["--config", "tiny.yaml", "--output-dir", str(out_dir)] + (["--dry-run"] if dry_run else [])
-        proc = subprocess.run([sys.executable, "-m", "nemo_lossfree.cli", "slurm", *argv],
+        proc = subprocess.run([sys.executable, "-m", "nemo_lossfree.apps.cli", "slurm", *argv],
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2, (out_dir, proc.stdout, proc.stderr)
         lines = proc.stderr.splitlines()

@@ -1,7 +1,6 @@
 import functools
 
 import pytest
-
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_decoder_block_spec,
     get_gpt_layer_local_spec,

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from nemo_lossfree import cli, layout_check
-from nemo_lossfree.run_config import RunConfigError, load_run_config, parse_scalar
+from nemo_lossfree.apps import cli
+from nemo_lossfree.runconfig.load import RunConfigError, load_run_config, parse_scalar
+from nemo_lossfree.runconfig.validate import find_problems
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 
@@ -38,7 +39,7 @@ def test_bad_update_rate_is_one_line_naming_the_key_and_exit_2(capsys):
 
 def test_command_line_process_has_no_traceback():
     result = subprocess.run(
-        [sys.executable, "-m", "nemo_lossfree.cli", "validate-config", str(TINY),
+        [sys.executable, "-m", "nemo_lossfree.apps.cli", "validate-config", str(TINY),
          "lossfree.update_rule=median", "model.expert_model_parallel_size=3"],
         capture_output=True, text=True, timeout=120,
     )
@@ -134,13 +135,13 @@ def test_cpu_cluster_needs_tasks_per_node(tmp_path):
     config = load_run_config(TINY)
     del config["cluster"]["tasks_per_node"]
     assert "cluster.tasks_per_node: required when gpus_per_node is 0 (CPU processes)" in (
-        layout_check.find_problems(config))
+        find_problems(config))
 
 
 # ---- bad files: one line naming the file, exit 2, no traceback -----------------
 
 def _cli_process(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nemo_lossfree.cli", "validate-config", *argv],
+    return subprocess.run([sys.executable, "-m", "nemo_lossfree.apps.cli", "validate-config", *argv],
                           capture_output=True, text=True, timeout=120)
 
 
@@ -202,21 +203,21 @@ def test_yaml_syntax_error_names_the_line_not_a_unicode_string(tmp_path):
 
 
 def test_oversized_file_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
-    from nemo_lossfree import run_config
+    from nemo_lossfree.runconfig import load
 
     path, _ = _bad_file(tmp_path, "too-big")
 
     def no_parse(*args, **kwargs):
         raise AssertionError("an oversized file was handed to the YAML parser")
 
-    monkeypatch.setattr(run_config._Yaml12Loader, "__init__", no_parse)
+    monkeypatch.setattr(load._Yaml12Loader, "__init__", no_parse)
     with pytest.raises(RunConfigError, match=r"must be at most 1 MiB"):
         load_run_config(path)
 
 
 def test_merge_keys_may_override_what_they_merge(tmp_path):
     """``<<: *anchor`` then a key of the anchor is YAML's override, not a duplicate."""
-    from nemo_lossfree.run_config import read_yaml_file
+    from nemo_lossfree.runconfig.load import read_yaml_file
 
     path = tmp_path / "merge.yaml"
     path.write_text("base: &b {a: 1, b: 2}\nderived:\n  <<: *b\n  b: 3\n")
@@ -249,7 +250,7 @@ def test_model_keys_are_read_from_megatrons_sources_without_importing_it():
 
     from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-    from nemo_lossfree.megatron_fields import PROVIDER_FIELDS, model_keys
+    from nemo_lossfree.runconfig.megatron_fields import PROVIDER_FIELDS, model_keys
 
     fields = {f.name for f in dataclasses.fields(MLATransformerConfig) if not f.name.startswith("_")}
     assert model_keys() == frozenset(fields) | PROVIDER_FIELDS
@@ -260,7 +261,7 @@ def test_validate_config_does_not_import_megatron():
     """Validation answers in a fraction of a second: importing Megatron-Core takes seconds."""
     result = subprocess.run(
         [sys.executable, "-c",
-         "import sys; from nemo_lossfree import cli; code = cli.main(['validate-config', "
+         "import sys; from nemo_lossfree.apps import cli; code = cli.main(['validate-config', "
          f"{str(TINY)!r}, 'model.moe_router_topkk=1']); "
          "print(code, [m for m in sys.modules if m.startswith(('megatron', 'torch'))])"],
         capture_output=True, text=True, timeout=120,

@@ -2,12 +2,12 @@
 # Megatron-Bridge lane: the `lossfree` config flag with the real megatron-bridge
 # 0.6.2 (NeMo framework path). Builds its own venv on top of the project's .venv
 # (torch and megatron-core come from there through a .pth; the Bridge packages
-# are pinned in tests/bridge_stubs/requirements-bridge-lane.txt), then runs
-# tests/bridge_stubs/lane_checks.py through the stand-in runner: the flag puts
+# are pinned in tests/_support/bridge_lane/requirements-bridge-lane.txt), then runs
+# tests/_support/bridge_lane/lane_checks.py through the stand-in runner: the flag puts
 # LossFreeRouter into a recipe's model, and configs/tiny-cpu.yaml trains 4 steps
 # on 2 CPU processes through Bridge's own pretrain() with the bias moving.
 # Transformer Engine / nvidia-resiliency-ext are import stand-ins (no CPU wheel /
-# broken import); see tests/bridge_stubs/import_stand_ins.py and bridge_on_cpu.py.
+# broken import); see tests/_support/bridge_lane/import_stand_ins.py and bridge_on_cpu.py.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 start=$SECONDS
@@ -15,7 +15,7 @@ start=$SECONDS
 # the project venv it sits on change.
 LANE_VENV=${BRIDGE_LANE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/nemo-lossfree/venv-bridge}
 PROJECT_SITE=$(.venv/bin/python -c 'import site; print(site.getsitepackages()[0])')
-STAMP=$( (cat tests/bridge_stubs/requirements-bridge-lane.txt; echo "$PROJECT_SITE") | sha256sum | cut -c1-16)
+STAMP=$( (cat tests/_support/bridge_lane/requirements-bridge-lane.txt; echo "$PROJECT_SITE") | sha256sum | cut -c1-16)
 
 if [ "$(cat "$LANE_VENV/.installed" 2>/dev/null)" != "$STAMP" ]; then
   PY312=$(.venv/bin/python -c 'import sys; print(sys._base_executable)')
@@ -24,10 +24,10 @@ if [ "$(cat "$LANE_VENV/.installed" 2>/dev/null)" != "$STAMP" ]; then
   LANE_SITE=$("$LANE_VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')
   # addsitedir (not a bare path) so the project's editable install is seen too.
   echo "import site; site.addsitedir('$PROJECT_SITE')" > "$LANE_SITE/_project_venv.pth"
-  "$LANE_VENV/bin/python" -m pip install --quiet --no-deps -r tests/bridge_stubs/requirements-bridge-lane.txt
+  "$LANE_VENV/bin/python" -m pip install --quiet --no-deps -r tests/_support/bridge_lane/requirements-bridge-lane.txt
   echo "$STAMP" > "$LANE_VENV/.installed"
 fi
 echo "bridge lane: venv ready (t=$((SECONDS - start))s)"
-"$LANE_VENV/bin/python" tests/bridge_stubs/run_with_stand_ins.py -m pytest -q -p no:cacheprovider \
-  -o addopts="" tests/bridge_stubs/lane_checks.py
+"$LANE_VENV/bin/python" tests/_support/bridge_lane/run_with_stand_ins.py -m pytest -q -p no:cacheprovider \
+  -o addopts="" tests/_support/bridge_lane/lane_checks.py
 echo "bridge lane: done in $((SECONDS - start))s"

@@ -43,7 +43,9 @@ def problems(block: str) -> list[str]:
     for command in commands(block):
         for placeholder in _PLACEHOLDER.findall(command):
             found.append(f"{placeholder}: bash reads it as a redirect, in: {command}")
-        if command.startswith("export SLURM_CONF=") or (command.startswith("eval") and "local_cluster.sh env" in command):
+        if command.startswith("export SLURM_CONF=") or (
+            command.startswith("eval") and "local_cluster.sh env" in command
+        ):
             conf_exported = True
         if "nemo-lossfree slurm" in command and "--dry-run" not in command and not conf_exported:
             found.append(f"SLURM_CONF is not exported before: {command}")

@@ -14,9 +14,9 @@ import re
 import sys
 from pathlib import Path
 
-from nemo_lossfree.launch import payload
-from nemo_lossfree.launch.job import SlurmJob
-from nemo_lossfree.launch.render import render_sbatch
+from nemo_lossfree.apps.slurm import payload
+from nemo_lossfree.apps.slurm.job import SlurmJob
+from nemo_lossfree.apps.slurm.render import render_sbatch
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from nemo_lossfree.launch import submit as slurm
+from nemo_lossfree.apps.slurm import submit as slurm
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = os.environ.get("NLF_SLURM_CONFIG", str(REPO / "configs" / "tiny-cpu.yaml"))
@@ -59,7 +59,7 @@ JOB_TIMEOUT_S = 600
 
 
 def _job_args(out_dir: Path, name: str, launcher: str) -> list[str]:
-    return [sys.executable, "-m", "nemo_lossfree.cli", "slurm", "--config", CONFIG,
+    return [sys.executable, "-m", "nemo_lossfree.apps.cli", "slurm", "--config", CONFIG,
             "--gpus-per-node", "0", "--nodes", NODES, "--ntasks-per-node", TASKS,
             "--launcher", launcher, "--job-name", name, "--output-dir", str(out_dir), *OVERRIDES]
 

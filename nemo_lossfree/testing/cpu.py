@@ -229,13 +229,13 @@ def enable(force: bool = False) -> bool:
     transformer_utils.get_default_causal_mask = causal_mask_on_cpu
     fused_softmax.get_default_causal_mask = causal_mask_on_cpu
 
+    import importlib
+
     from megatron.core.tensor_parallel import random as mp_random
 
     # Modules that allocate with a literal device="cuda": the schedules' token
     # counter, the optimizers' found-inf / grad-norm flags, grad clipping
     # and the grad-norm fallback kernels.
-    import importlib
-
     for name in (
         "megatron.core.pipeline_parallel.schedules",
         "megatron.core.optimizer.optimizer",

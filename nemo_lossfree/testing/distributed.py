@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import traceback
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch.multiprocessing as mp
 

@@ -146,8 +146,8 @@ def _tokens(variant: int, step: int, micro: int, rank: int):
 def _train_variant(side: str, variants: list, index: int, rank: int) -> list:
     import torch
     import torch.distributed as dist
-
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
     from nemo_lossfree.testing.models import gpt_moe_model, moe_transformer_config
 
     name, score_function, pre_softmax, settings, *rest = variants[index]

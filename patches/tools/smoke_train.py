@@ -59,6 +59,7 @@ def _worker(rank: int, port: int) -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
     from nemo_lossfree.testing.models import gpt_moe_model, moe_transformer_config
 
     def train(update_rate):

@@ -9,9 +9,8 @@ process, on gloo. In a Megatron-LM checkout the real file is used instead.
 
 import os
 
-import torch
-
 import megatron.core.parallel_state as ps
+import torch
 
 
 class Utils:

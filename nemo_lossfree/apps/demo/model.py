@@ -1,0 +1,79 @@
+"""The demo's model: a small Megatron-Core GPT-MoE that every arm trains.
+
+Megatron-Core's local layer specs (no Transformer Engine), CPU-initialised
+float32 weights and the allgather dispatcher, so it runs on the CPU under
+``nemo_lossfree.testing.cpu``. The arms differ only in their
+``TransformerConfig`` fields (``arms.py``) and in whether the router is
+``LossFreeRouter``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from nemo_lossfree.apps.demo.settings import DemoSettings
+
+
+def transformer_config(settings: DemoSettings, arm_fields: dict[str, Any], expert_model_parallel_size: int):
+    """The ``TransformerConfig`` of one arm: the settings' shape, then the arm's fields."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    s = settings
+    fields: dict[str, Any] = dict(
+        num_layers=s.dense_layers + s.num_layers,
+        hidden_size=s.hidden_size,
+        num_attention_heads=s.num_attention_heads,
+        ffn_hidden_size=2 * s.hidden_size,
+        num_moe_experts=s.experts,
+        moe_ffn_hidden_size=s.moe_ffn_hidden_size,
+        moe_router_topk=s.topk,
+        moe_router_score_function=s.score_function,
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type="allgather",
+        moe_grouped_gemm=False,
+        expert_model_parallel_size=expert_model_parallel_size,
+        use_cpu_initialization=True,
+        add_bias_linear=False,
+        bf16=False,
+        params_dtype=torch.float32,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+    if s.dense_layers:
+        fields["moe_layer_freq"] = [0] * s.dense_layers + [1] * s.num_layers
+    fields.update(arm_fields)
+    return TransformerConfig(**fields)
+
+
+def layer_spec(settings: DemoSettings, config, *, loss_free: bool):
+    """Megatron-Core's local layer spec, or its block spec when dense and MoE layers mix
+    (moe_layer_freq); LossFreeRouter for loss_free; SDPA core attention (attention.py)."""
+    from nemo_lossfree.apps.demo.attention import with_sdpa_attention
+    from nemo_lossfree.spec import use_loss_free_router
+
+    if settings.dense_layers:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
+    else:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        spec = get_gpt_layer_local_spec(num_experts=settings.experts, moe_grouped_gemm=False)
+    if loss_free:
+        spec = use_loss_free_router(spec)
+    return with_sdpa_attention(spec)
+
+
+def gpt_model(config, spec, *, vocab_size: int, max_sequence_length: int):
+    """A ``GPTModel`` with rotary position embeddings."""
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length,
+        position_embedding_type="rope",
+    )

@@ -1,1 +1,0 @@
-"""Megatron-Bridge entry points (``python -m nemo_lossfree.bridge.pretrain``)."""

@@ -1,0 +1,1 @@
+"""Helpers and worker scripts for the tests (not collected by pytest)."""

@@ -1,0 +1,211 @@
+"""Functions run on every rank by the multi-process tests (spawned: importable)."""
+
+from __future__ import annotations
+
+from nemo_lossfree.testing import cpu
+
+cpu.enable()  # before anything imports Megatron-Core's router (spawned ranks import this first)
+
+# ruff: noqa: E402  (the imports below must follow cpu.enable())
+import os
+
+import torch
+import torch.distributed as dist
+
+from nemo_lossfree import LossFreeBalancer, LossFreeConfig
+from nemo_lossfree.testing.models import gpt_moe_model, moe_transformer_config
+from nemo_lossfree.update import compute_bias_update, compute_bias_update_with_integral, scheduled_rate
+
+SEQ, BATCH, VOCAB = 32, 4, 128
+
+
+class CollectiveCounter:
+    """Counts torch.distributed collectives issued while active."""
+
+    NAMES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast")
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self._saved: dict = {}
+
+    def __enter__(self):
+        for name in self.NAMES:
+            original = getattr(dist, name)
+            self._saved[name] = original
+
+            def wrapped(*args, _name=name, _original=original, **kwargs):
+                self.calls.append(_name)
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(dist, name, original)
+
+
+def gathered(routers, group, buffer: str = "local_tokens_per_expert") -> torch.Tensor:
+    """Reference: every rank's local ``buffer`` gathered and summed, [layers, ...] float64."""
+    local = torch.stack([getattr(r, buffer) for r in routers]).double()
+    parts = [torch.zeros_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local, group=group)
+    return torch.stack(parts).sum(dim=0)
+
+
+def train_and_check(rank: int, parallel: dict, lf: dict, steps: int, mtp: bool) -> dict:
+    """Train a GPT-MoE with the balancer; check each update against the gathered reference."""
+    from megatron.core import parallel_state
+
+    config = moe_transformer_config(
+        num_layers=2,
+        num_experts=8,
+        topk=2,
+        mtp_num_layers=1 if mtp else None,
+        **parallel,
+    )
+    model_kwargs = {}
+    if mtp:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+        from nemo_lossfree.testing.models import gpt_moe_layer_spec
+
+        model_kwargs["mtp_block_spec"] = get_gpt_mtp_block_spec(
+            config, gpt_moe_layer_spec(8), use_transformer_engine=False
+        )
+    model = gpt_moe_model(config, vocab_size=VOCAB, max_sequence_length=SEQ, **model_kwargs)
+    lf_config = LossFreeConfig(**lf)
+    balancer = LossFreeBalancer(model, lf_config)
+    group = balancer.process_group
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    # Different data on every data-parallel rank (TP ranks of a group share it).
+    dp_rank = parallel_state.get_data_parallel_rank()
+    gen = torch.Generator().manual_seed(100 + dp_rank)
+    collectives = []
+    reference_integral = torch.zeros(len(balancer.routers), 8)
+    for step in range(steps):
+        ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+        pos = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
+        for _ in range(2):  # two micro-batches per global batch
+            loss = model(ids, pos, None, labels=ids).float().mean()
+            loss.backward()
+        routers = balancer.routers
+        reference_counts = gathered(routers, group)
+        histogram = None
+        if lf_config.update_rule == "quantile":
+            histogram = gathered(routers, group, "local_margin_histogram")
+            # The histogram's mass below 0 is the count, on every rank.
+            below = histogram[..., 0, : histogram.shape[-1] // 2].sum(-1)
+            assert torch.equal(below, reference_counts)
+        bias_before = torch.stack([r.expert_bias.clone() for r in routers])
+        with CollectiveCounter() as counter:
+            metrics = balancer.step()
+        collectives.append(counter.calls)
+        if lf_config.integral_gain:
+            expected, reference_integral = compute_bias_update_with_integral(
+                reference_counts, bias_before, reference_integral,
+                rate=scheduled_rate(lf_config, step), rule=lf_config.update_rule,
+                center=lf_config.center, gain=lf_config.integral_gain, decay=lf_config.integral_decay,
+                histogram=histogram,
+            )
+            assert torch.equal(torch.stack(balancer.integrals), reference_integral)
+        else:
+            expected = compute_bias_update(
+                reference_counts, bias_before, rate=scheduled_rate(lf_config, step),
+                rule=lf_config.update_rule, center=lf_config.center, histogram=histogram,
+            )
+        got = torch.stack([r.expert_bias for r in routers])
+        assert torch.equal(got, expected), f"step {step}: bias differs from the gathered reference"
+        assert all(r.local_tokens_per_expert.sum() == 0 for r in routers)
+        assert all(r.local_margin_histogram.sum() == 0 for r in routers)
+        opt.step()
+        opt.zero_grad()
+    biases = torch.stack([r.expert_bias for r in balancer.routers])
+    return {
+        "biases": biases,
+        "collectives": collectives,
+        "group_ranks": dist.get_process_group_ranks(group),
+        "num_routers": len(balancer.routers),
+        "metrics": metrics,
+        "steps_done": balancer.steps_done,
+    }
+
+
+def pipeline_groups(rank: int) -> dict:
+    """With PP=2 every stage owns its layers: the replica group excludes the other stage."""
+    config = moe_transformer_config(
+        num_layers=2, num_experts=8, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32
+    )
+    from megatron.core import parallel_state
+
+    model = gpt_moe_model(
+        config,
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    balancer = LossFreeBalancer(model)
+    return {
+        "group_ranks": dist.get_process_group_ranks(balancer.process_group),
+        "layers": [r.layer_number for r in balancer.routers],
+    }
+
+
+def save_then_load(rank: int, ckpt_dir: str, upstream_first: bool) -> dict:
+    """Train, save with dist_checkpointing, load into a fresh model and balancer.
+
+    With ``upstream_first`` the saved model uses Megatron-Core's own
+    expert-bias router; it must load into ours under the same key.
+    """
+    from megatron.core import dist_checkpointing
+
+    config = moe_transformer_config(num_layers=2, num_experts=8, expert_model_parallel_size=2)
+    if upstream_first:
+        saved_config = moe_transformer_config(
+            num_layers=2, num_experts=8, expert_model_parallel_size=2, expert_bias=True
+        )
+        source = gpt_moe_model(saved_config, vocab_size=VOCAB, max_sequence_length=SEQ, loss_free=False)
+    else:
+        source = gpt_moe_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)
+    balancer = (
+        None if upstream_first else LossFreeBalancer(source, LossFreeConfig(update_rule="sign", update_rate=1e-2))
+    )
+    gen = torch.Generator().manual_seed(rank)
+    for _ in range(3):
+        ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+        pos = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
+        source(ids, pos, None, labels=ids).float().mean().backward()
+        if balancer is not None:
+            balancer.step()
+        else:  # Megatron-Core's own update path
+            from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
+
+            _update_router_expert_bias([source], saved_config)
+    saved_biases = {
+        k: v.clone() for k, v in source.state_dict().items() if k.endswith("router.expert_bias")
+    }
+    state = {"model": source.sharded_state_dict()}
+    if balancer is not None:
+        state["lossfree"] = balancer.state_dict()
+    if rank == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(state, ckpt_dir)
+
+    target = gpt_moe_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)
+    restored_balancer = LossFreeBalancer(target, LossFreeConfig(update_rule="sign", update_rate=1e-2))
+    template = {"model": target.sharded_state_dict()}
+    if balancer is not None:
+        template["lossfree"] = restored_balancer.state_dict()
+    loaded = dist_checkpointing.load(template, ckpt_dir)
+    target.load_state_dict(loaded["model"])
+    if "lossfree" in loaded:
+        restored_balancer.load_state_dict(loaded["lossfree"])
+    restored = {k: v for k, v in target.state_dict().items() if k.endswith("router.expert_bias")}
+    return {
+        "saved": saved_biases,
+        "restored": restored,
+        "steps_done": restored_balancer.steps_done,
+        "dtypes": sorted({str(v.dtype) for v in restored.values()}),
+    }
