@@ -102,11 +102,14 @@ def main() -> int:
     if not args.patched:
         return 0
     before, after = runs["without the series"], runs["with the series"]
-    broken = sorted(t for t, (o, _) in before.items() if o == "passed" and after.get(t, ("missing",))[0] != "passed")
-    fixed = sorted(t for t, (o, _) in after.items() if o == "passed" and before.get(t, ("missing",))[0] not in ("passed", "missing"))
+    missing = ("missing", "")
+    broken = sorted(t for t, (o, _) in before.items() if o == "passed" and after.get(t, missing)[0] != "passed")
+    fixed = sorted(
+        t for t, (o, _) in after.items() if o == "passed" and before.get(t, missing)[0] not in ("passed", "missing")
+    )
     print(f"\npassed without the series and not with it: {len(broken)}")
     for test_id in broken:
-        print(f"  {test_id}: {after.get(test_id, ('missing', ''))}")
+        print(f"  {test_id}: {after.get(test_id, missing)}")
     if fixed:
         print(f"did not pass without the series and pass with it: {len(fixed)}")
         for test_id in fixed:
