@@ -74,7 +74,8 @@ SERIES=megatron-lm-main "$here/checkout.sh" "$tree"
 git -C "$tree" log --oneline base..HEAD
 git -C "$tree" worktree add --quiet --detach "$pristine" base
 
-# pytest on a tree through the CPU plugin: run_tests TREE JUNIT_XML TEST...
+# pytest on a tree through the CPU plugin: run_tests TREE JUNIT_XML TEST... (status 1 when
+# no report was written: pytest or a rank died).
 run_tests() {
   local on="$1" xml="$2"
   shift 2
@@ -91,30 +92,35 @@ run_tests() {
     (cd "$on" && PYTHONPATH="$path" "$tpy" -m torch.distributed.run --standalone \
       --nproc-per-node "$ranks" --no-python "$launcher" "${args[@]}" "$@") \
       > "${xml%.xml}.log" 2>&1 || true
-    cp "${xml%.xml}.rank0.xml" "$xml"
+    if [ -f "${xml%.xml}.rank0.xml" ]; then cp "${xml%.xml}.rank0.xml" "$xml"; fi
   fi
   tail -n 1 "${xml%.xml}.log"
+  [ -f "$xml" ] || { echo "check_main.sh: no report in $xml (see ${xml%.xml}.log)" >&2; return 1; }
 }
 
 status=0
 if wants series; then
   step "the series' own unit tests (CPU)"
   mapfile -t own < <(git -C "$tree" diff --name-only --diff-filter=A base..HEAD -- 'tests/*.py')
-  run_tests "$tree" "$work/series.xml" "${own[@]}"
-  "$py" "$here/upstream_test_report.py" "$work/series.xml" --reasons \
-    | tee "$work/series.txt"
-  grep -q '| \*\*total\*\* | \*\*[0-9]* / 0 / 0 / 0\*\* |' "$work/series.txt" || status=1
+  if run_tests "$tree" "$work/series.xml" "${own[@]}"; then
+    "$py" "$here/upstream_test_report.py" "$work/series.xml" --reasons | tee "$work/series.txt"
+    grep -q '| \*\*total\*\* | \*\*[0-9]* / 0 / 0 / 0\*\* |' "$work/series.txt" || status=1
+  else
+    status=1
+  fi
 fi
 
 if wants upstream; then
   # shellcheck disable=SC2086  # one path per word
   step "upstream's tests without the series (CPU, $ranks process(es))"
-  run_tests "$pristine" "$work/pristine.xml" $upstream_tests
+  run_tests "$pristine" "$work/pristine.xml" $upstream_tests || status=1
   # shellcheck disable=SC2086
   step "upstream's tests with the series (CPU, $ranks process(es))"
-  run_tests "$tree" "$work/patched.xml" $upstream_tests
-  "$py" "$here/upstream_test_report.py" "$work/pristine.xml" "$work/patched.xml" --reasons \
-    || status=1
+  run_tests "$tree" "$work/patched.xml" $upstream_tests || status=1
+  if [ -f "$work/pristine.xml" ] && [ -f "$work/patched.xml" ]; then
+    "$py" "$here/upstream_test_report.py" "$work/pristine.xml" "$work/patched.xml" --reasons \
+      || status=1
+  fi
 fi
 
 if wants equivalence; then
