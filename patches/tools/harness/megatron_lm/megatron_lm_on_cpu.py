@@ -13,7 +13,10 @@ Loaded with ``-p`` (before the checkout's conftest files), this plugin
    CPU RNG tracker, ``jit_fuser`` off) before ``megatron.core.transformer`` is
    imported;
 2. makes ``Module.cuda()`` / ``Tensor.cuda()`` no-ops and runs every test inside
-   ``CudaAllocationsOnCpu`` (``device="cuda"`` and ``.to("cuda")`` mean the CPU);
+   ``CudaAllocationsOnCpu`` (``device="cuda"`` and ``.to("cuda")`` mean the CPU),
+   with ``torch.cuda.current_device()`` answering 0 as on one GPU (so
+   ``torch.device("cuda", torch.cuda.current_device())`` builds) and a bare
+   ordinal (``device=0``) meaning the CPU too;
 3. answers ``torch.cuda.is_available()`` with True while the tests are
    collected, so that the CUDA skip markers do not skip; while they run it is
    the real answer (False), so the code under test takes its CPU paths;
@@ -30,8 +33,8 @@ Loaded with ``-p`` (before the checkout's conftest files), this plugin
    no-op: there is no network, and the MoE tests read nothing from /opt/data.
 
 A test that still needs a GPU (Transformer Engine kernels, CUDA-only dtypes or
-APIs, ``torch.device("cuda", index)``) fails or errors here; patches/README.md
-lists them. On a GPU machine, load no plugin.
+APIs) or more processes than were started fails, errors or skips here;
+patches/README.md lists them by cause. On a GPU machine, load no plugin.
 """
 
 from __future__ import annotations
@@ -150,7 +153,34 @@ def pytest_collection(session):
         torch.cuda.is_available = _real_is_available
 
 
+class _CudaOrdinalsOnCpu(cpu.CudaAllocationsOnCpu):
+    """``CudaAllocationsOnCpu`` that also takes a bare device ordinal (``device=0``) as the CPU.
+
+    While a test runs ``torch.cuda.current_device()`` answers 0, as on one GPU, so that a
+    test can build ``torch.device("cuda", torch.cuda.current_device())`` (the CPU shim's
+    answer, the CPU device, is no index); an int device names a CUDA device, and there is
+    none here.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if _is_ordinal(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and _is_ordinal(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def _is_ordinal(device) -> bool:
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    with cpu.CudaAllocationsOnCpu():
-        return (yield)
+    current_device = torch.cuda.current_device
+    torch.cuda.current_device = lambda: 0
+    try:
+        with _CudaOrdinalsOnCpu():
+            return (yield)
+    finally:
+        torch.cuda.current_device = current_device
