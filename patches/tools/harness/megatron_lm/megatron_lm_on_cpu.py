@@ -14,9 +14,10 @@ Loaded with ``-p`` (before the checkout's conftest files), this plugin
    imported;
 2. makes ``Module.cuda()`` / ``Tensor.cuda()`` no-ops and runs every test inside
    ``CudaAllocationsOnCpu`` (``device="cuda"`` and ``.to("cuda")`` mean the CPU),
-   with ``torch.cuda.current_device()`` answering 0 as on one GPU (so
-   ``torch.device("cuda", torch.cuda.current_device())`` builds) and a bare
-   ordinal (``device=0``) meaning the CPU too;
+   with ``torch.cuda.current_device()`` answering 0 to the test files' own code
+   as on one GPU (so ``torch.device("cuda", torch.cuda.current_device())``
+   builds; Megatron's code keeps the CPU device) and a bare ordinal
+   (``device=0``) meaning the CPU too;
 3. answers ``torch.cuda.is_available()`` with True while the tests are
    collected, so that the CUDA skip markers do not skip; while they run it is
    the real answer (False), so the code under test takes its CPU paths;
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from datetime import timedelta
 
 import pytest
@@ -156,10 +158,10 @@ def pytest_collection(session):
 class _CudaOrdinalsOnCpu(cpu.CudaAllocationsOnCpu):
     """``CudaAllocationsOnCpu`` that also takes a bare device ordinal (``device=0``) as the CPU.
 
-    While a test runs ``torch.cuda.current_device()`` answers 0, as on one GPU, so that a
-    test can build ``torch.device("cuda", torch.cuda.current_device())`` (the CPU shim's
-    answer, the CPU device, is no index); an int device names a CUDA device, and there is
-    none here.
+    While a test runs ``torch.cuda.current_device()`` answers 0 to the test's own code, as
+    on one GPU, so that it can build ``torch.device("cuda", torch.cuda.current_device())``
+    (the CPU shim's answer, the CPU device, is no index) or pass the ordinal as a device;
+    an int device names a CUDA device, and there is none here.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -175,10 +177,27 @@ def _is_ordinal(device) -> bool:
     return isinstance(device, int) and not isinstance(device, bool)
 
 
+def _ordinal_for_test_code(current_device, tests_dir: str):
+    """``torch.cuda.current_device`` that answers 0 to a test file, and as before to the rest.
+
+    The code under test keeps the CPU shim's answer (the CPU device: its buffers, its
+    ``.to(device=...)`` calls, also from the backward where no torch function mode reaches,
+    stay as they were); only a test's own ``torch.device("cuda", torch.cuda.current_device())``
+    gets an index.
+    """
+
+    def answer():
+        caller = sys._getframe(1).f_code.co_filename
+        return 0 if caller.startswith(tests_dir) else current_device()
+
+    return answer
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     current_device = torch.cuda.current_device
-    torch.cuda.current_device = lambda: 0
+    tests_dir = os.path.join(str(item.config.rootpath), "tests", "")
+    torch.cuda.current_device = _ordinal_for_test_code(current_device, tests_dir)
     try:
         with _CudaOrdinalsOnCpu():
             return (yield)
