@@ -64,6 +64,11 @@ CPU_FLAGS = [
 ]
 
 
+# The two launches use ~1m45s of CPU; on a shared, loaded machine the wall time is many times that.
+LAUNCH_TIMEOUT_S = 1200
+pytestmark = pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S + 60)
+
+
 def launch(out: Path, name: str, *flags: str) -> None:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -76,7 +81,7 @@ def launch(out: Path, name: str, *flags: str) -> None:
     log = out / f"{name}.log"
     with open(log, "w") as handle:
         result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env,
-                                cwd=out, timeout=600)
+                                cwd=out, timeout=LAUNCH_TIMEOUT_S)
     assert result.returncode == 0, f"{name} failed:\n" + log.read_text()[-6000:]
 
 
