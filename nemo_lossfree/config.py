@@ -20,13 +20,6 @@ UPDATE_RULES = ("quantile", "sign", "proportional")
 #: relative overload), so a rule chosen without a rate gets its own.
 DEFAULT_RATES = {"quantile": 0.5, "sign": 1e-3, "proportional": 1e-2}
 SCHEDULES = ("constant", "inverse_time", "cosine", "linear_warmup", "adaptive")
-#: ``schedule`` when it is not given: the quantile rule measures its own gain
-#: (``update.adaptive_quantile_update``); the others keep a constant rate.
-DEFAULT_SCHEDULES = {"quantile": "adaptive", "sign": "constant", "proportional": "constant"}
-#: ``update_rate`` of the adaptive schedule when it is not given: the gain's
-#: ceiling and start, the full quantile step (a larger one overshoots the
-#: batch's own balance).
-DEFAULT_ADAPTIVE_CEILING = 1.0
 
 
 #: Spellings of true and false read from strings (YAML, key=value overrides).
@@ -109,8 +102,7 @@ class LossFreeConfig:
 
     #: Turns the feature on where a framework config carries a ``lossfree:`` section.
     enabled: bool = True
-    #: Step size u of the bias update; unset: the rule's own (DEFAULT_RATES; 1.0,
-    #: the adaptive gain's ceiling, with schedule "adaptive").
+    #: Step size u of the bias update; unset: the rule's own (DEFAULT_RATES).
     #: For "quantile" the fraction of the balancing move taken per step (0.5:
     #: the bias follows the mean of about the last two global batches); for
     #: "sign" bias units per step (the paper's 1e-3 for sigmoid scores). The
@@ -129,12 +121,7 @@ class LossFreeConfig:
     #: s + b is invariant to a common shift, so no routing decision changes.
     center: bool = True
     #: Step-size schedule over balancer steps; see ``update.scheduled_rate``.
-    #: Unset: the rule's own (DEFAULT_SCHEDULES): "adaptive" for "quantile",
-    #: whose gain starts at update_rate and is steered by the correlation of
-    #: successive balancing moves into [min_update_rate, update_rate] (large
-    #: while the router drifts, small where one batch's counts are noisy);
-    #: "constant" for the others.
-    schedule: Optional[str] = None
+    schedule: str = "constant"
     #: Linear ramp of the rate from u/warmup_steps to u over the first steps.
     warmup_steps: int = 0
     #: Time constant of the decaying schedules ("inverse_time", "cosine").
@@ -180,15 +167,8 @@ class LossFreeConfig:
         if not isinstance(self.enabled, bool):
             raise ValueError(f"lossfree.enabled: must be true or false, got {self.enabled!r}")
         _check_choice("lossfree.update_rule", self.update_rule, UPDATE_RULES)
-        if self.schedule is None:
-            default = DEFAULT_SCHEDULES[self.update_rule]
-            # The drift integral is the constant schedule's way to follow drift; the
-            # adaptive gain follows it by itself (the two are not combined).
-            object.__setattr__(self, "schedule", "constant" if self.integral_gain else default)
         if self.update_rate is None:
-            adaptive = self.schedule == "adaptive" and self.update_rule == "quantile"
-            object.__setattr__(self, "update_rate",
-                               DEFAULT_ADAPTIVE_CEILING if adaptive else DEFAULT_RATES[self.update_rule])
+            object.__setattr__(self, "update_rate", DEFAULT_RATES[self.update_rule])
         _check_rate("lossfree.update_rate", self.update_rate)
         if self.update_rule == "quantile" and self.update_rate > 1:
             raise ValueError(

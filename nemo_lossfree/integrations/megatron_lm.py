@@ -42,7 +42,7 @@ import dataclasses
 import functools
 from typing import Any, Callable, Optional
 
-from nemo_lossfree.config import DEFAULT_RATES, DEFAULT_SCHEDULES, SCHEDULES, UPDATE_RULES, LossFreeConfig
+from nemo_lossfree.config import DEFAULT_RATES, SCHEDULES, UPDATE_RULES, LossFreeConfig
 
 LOSS_FREE = "loss_free"
 BALANCING_TYPE_DEST = "moe_router_load_balancing_type"
@@ -119,9 +119,6 @@ def add_lossfree_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         if f.name == "update_rate":
             help_text = ("LossFreeConfig.update_rate (default: the rule's: "
                          + ", ".join(f"{rule} {rate:g}" for rule, rate in DEFAULT_RATES.items()) + ").")
-        if f.name == "schedule":
-            help_text = ("LossFreeConfig.schedule (default: the rule's: "
-                         + ", ".join(f"{rule} {name}" for rule, name in DEFAULT_SCHEDULES.items()) + ").")
         if f.type == "bool":
             group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,
                                default=default, help=help_text)
