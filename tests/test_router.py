@@ -191,7 +191,16 @@ def test_buffers_stay_float32_and_exact_under_bf16(pg_collection):
     assert inner.expert_bias.dtype == torch.float32
     assert inner.local_tokens_per_expert.dtype == torch.float32
     assert torch.equal(inner.expert_bias, bias)
+    # The balancer state in the model keeps its dtypes too (a bf16 integral or gain would drift).
+    from nemo_lossfree.router import STATE_BUFFERS
+    from nemo_lossfree.update import UPDATE_STATE_LAYOUT
+
+    assert inner.lossfree_steps.dtype == torch.int64
+    for key, (dtype, _) in UPDATE_STATE_LAYOUT.items():
+        assert getattr(inner, STATE_BUFFERS[key]).dtype == dtype, key
     state = inner.state_dict()
+    saved = state["_extra_state"]
+    assert saved["steps"].dtype == torch.int64 and saved["gain"].dtype == torch.float64
     assert state["expert_bias"].dtype == torch.float32 and torch.equal(state["expert_bias"], bias)
     assert "local_tokens_per_expert" not in state
     other, _ = make_pair(pg_collection)

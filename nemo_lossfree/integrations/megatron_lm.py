@@ -26,10 +26,12 @@ What the hooks do:
     already set, so the update runs inside ``finalize_model_grads``);
 (c) every ``--tensorboard-log-interval`` iterations the balancer's
     ``lossfree/...`` metrics go to Megatron's TensorBoard and W&B writers;
-(d) the expert biases are persistent buffers, so Megatron's checkpoints carry
-    them; the balancer's step (which drives the rate schedule) is taken from
-    ``args.iteration`` on the first step after a resume, unless a saved
-    ``state_dict()`` was restored with ``load_state_dict()``.
+(d) the expert biases and the balancer's state (step counter, drift
+    integral, adaptive gain: each router's ``_extra_state``) are model state,
+    so Megatron's checkpoints carry them and a resume continues bit for bit;
+    a checkpoint without that state (Megatron-Core's own expert bias, older
+    versions) continues the rate schedule from ``args.iteration``, with a
+    warning.
 """
 
 from __future__ import annotations
@@ -202,65 +204,26 @@ class MegatronLMLossFree:
         self.chunks: list[Any] = []
         self.balancer = None
         self.transformer_config = None
-        self._synced_with_iteration = False
-        self._restored = False
 
     # (b) ---------------------------------------------------------------
     def add_chunk(self, model_chunk) -> None:
-        """Rebuild the balancer over all chunks so far and attach it (keeps its step)."""
+        """Rebuild the balancer over all chunks so far and attach it (its step is the routers')."""
         from nemo_lossfree.balancer import LossFreeBalancer
 
         self.chunks.append(model_chunk)
-        steps_done = self.balancer.steps_done if self.balancer is not None else 0
         if self.transformer_config is None:
             self.transformer_config = model_chunk.config
-        self._detach()
         self.balancer = LossFreeBalancer(self.chunks, self.config)
-        self.balancer.steps_done = steps_done
-        self.balancer.attach(self.transformer_config)
-        attached = self.transformer_config.finalize_model_grads_func
-
-        @functools.wraps(attached)
-        def finalize_model_grads_and_log(*args, **kwargs):
-            self._sync_step_with_iteration()
-            out = attached(*args, **kwargs)
-            self._log(self.balancer.last_metrics)
-            return out
-
-        finalize_model_grads_and_log._lossfree_owner = self  # type: ignore[attr-defined]
-        self.transformer_config.finalize_model_grads_func = finalize_model_grads_and_log
-
-    def _detach(self) -> None:
-        """Undo our wrappers (and the balancer's) on the config, back to the original function."""
-        cfg = self.transformer_config
-        func = getattr(cfg, "finalize_model_grads_func", None)
-        while func is not None and (getattr(func, "_lossfree_owner", None) is self
-                                    or getattr(func, "_lossfree_balancer", None) is not None):
-            func = func.__wrapped__
-        if cfg is not None:
-            cfg.finalize_model_grads_func = func
-
-    # (d) ---------------------------------------------------------------
-    def _sync_step_with_iteration(self) -> None:
-        if self._synced_with_iteration:
-            return
-        self._synced_with_iteration = True
-        if self._restored:
-            return
-        iteration = getattr(_megatron_args(), "iteration", 0) or 0
-        if self.balancer.steps_done == 0 and iteration > 0:
-            # Resumed from a Megatron-LM checkpoint: one balancer step per iteration.
-            self.balancer.steps_done = int(iteration)
-            from nemo_lossfree.balancer import warn_integral_restarts
-
-            warn_integral_restarts(self.balancer)
+        # (d) Megatron-LM loads its checkpoint after the model is built: the
+        # iteration is read only if that checkpoint lacked the balancer state.
+        self.balancer.attach(self.transformer_config, on_metrics=self._log,
+                             resume_iteration=lambda: getattr(_megatron_args(), "iteration", 0))
 
     def state_dict(self) -> dict:
         return self.balancer.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self.balancer.load_state_dict(state)
-        self._restored = True
 
     # (c) ---------------------------------------------------------------
     def _log(self, metrics: dict) -> None:
@@ -331,6 +294,8 @@ def wrap_model_provider(model_provider: Callable, args: Optional[argparse.Namesp
 def reset() -> None:
     """Forget the process's balancer (tests; a second model in one process)."""
     global _STATE
-    if _STATE is not None:
-        _STATE._detach()
+    if _STATE is not None and _STATE.transformer_config is not None:
+        from nemo_lossfree.balancer import detach
+
+        detach(_STATE.transformer_config)
     _STATE = None

@@ -327,3 +327,54 @@ def save_then_load(rank: int, ckpt_dir: str, upstream_first: bool) -> dict:
         "steps_done": restored_balancer.steps_done,
         "dtypes": sorted({str(v.dtype) for v in restored.values()}),
     }
+
+
+def resume_mid_schedule(rank: int, ckpt_dir: str, lf: dict) -> dict:
+    """Train 3 steps, save only the model through dist_checkpointing, resume in a fresh model.
+
+    The uninterrupted run is the saved model carrying on for 3 more steps; the
+    resumed one loads the checkpoint (no balancer side file) into a fresh model
+    and balancer and trains the same 3 batches. Returns both runs' biases and
+    routers' ``_extra_state`` (step counter, drift integral, adaptive gain).
+    """
+    from megatron.core import dist_checkpointing
+
+    config = moe_transformer_config(num_layers=2, num_experts=8, expert_model_parallel_size=2)
+    settings = LossFreeConfig(**lf)
+
+    def train(model, balancer, steps):
+        for step in steps:
+            gen = torch.Generator().manual_seed(100 * step + rank)
+            ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
+            pos = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
+            model(ids, pos, None, labels=ids).float().mean().backward()
+            balancer.step()
+
+    def routers_state(model):
+        routers = [m for m in model.modules() if type(m).__name__ == "LossFreeRouter"]
+        return [{"bias": r.expert_bias.clone(), **{k: v for k, v in r.get_extra_state().items() if k != "format"}}
+                for r in routers]
+
+    source = gpt_moe_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)
+    source_balancer = LossFreeBalancer(source, settings)
+    train(source, source_balancer, range(3))
+    if rank == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save({"model": source.sharded_state_dict()}, ckpt_dir)
+    at_save = routers_state(source)
+    train(source, source_balancer, range(3, 6))
+
+    target = gpt_moe_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)
+    target_balancer = LossFreeBalancer(target, settings)
+    loaded = dist_checkpointing.load({"model": target.sharded_state_dict()}, ckpt_dir)
+    target.load_state_dict(loaded["model"])
+    steps_at_load = target_balancer.steps_done
+    train(target, target_balancer, range(3, 6))
+    return {
+        "at_save": at_save,
+        "straight": routers_state(source),
+        "resumed": routers_state(target),
+        "steps_at_load": steps_at_load,
+        "steps": (source_balancer.steps_done, target_balancer.steps_done),
+    }

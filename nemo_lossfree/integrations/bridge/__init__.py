@@ -23,9 +23,11 @@ What it does when ``enabled``:
 - returns a Bridge ``Callback`` that, when training starts, creates a
   ``LossFreeBalancer`` over the model chunks and attaches it to
   ``finalize_model_grads_func`` (set by Bridge's setup; called once per global
-  batch after the last backward), resumes its step counter from the
-  iteration, and writes its ``lossfree/...`` metrics to Bridge's TensorBoard
-  and W&B writers;
+  batch after the last backward) with a writer of its ``lossfree/...``
+  metrics to Bridge's TensorBoard and W&B loggers; the balancer's state
+  (step counter, drift integral, adaptive gain) resumes with the model from
+  Bridge's checkpoint, and a checkpoint without it continues the rate
+  schedule from the iteration;
 - refuses ``model.moe_router_enable_expert_bias`` (one bias, ours) and warns
   when an auxiliary load-balancing loss is left on.
 """
@@ -124,49 +126,39 @@ def make_callback(settings: LossFreeConfig):
     from megatron.bridge.training.callbacks import Callback
 
     class LossFreeCallback(Callback):
-        """Creates the balancer on the built model; logs ``lossfree/...`` each step."""
+        """Creates the balancer on the built model; logs ``lossfree/...`` on its logging steps."""
 
         def __init__(self) -> None:
             self.settings = settings
             self.balancer = None
-            self._logged_step = -1
 
         def on_train_start(self, context) -> None:
             from megatron.core.utils import get_model_config
 
-            from nemo_lossfree.balancer import LossFreeBalancer, warn_integral_restarts
+            from nemo_lossfree.balancer import LossFreeBalancer
 
             self.balancer = LossFreeBalancer(context.model, self.settings)
-            # One balancer step per iteration: a resumed run continues its schedule.
-            self.balancer.steps_done = int(context.state.train_state.step)
-            warn_integral_restarts(self.balancer)
-            self.balancer.attach(get_model_config(context.model[0]))
+            # Bridge loaded its checkpoint already: the routers' _extra_state
+            # resumed the balancer; one without it continues from the iteration.
+            self.balancer.continue_from_iteration(int(context.state.train_state.step))
+            state = context.state
+            self.balancer.attach(get_model_config(context.model[0]),
+                                 on_metrics=lambda metrics: self._write(state, metrics))
             context.user_state["lossfree_balancer"] = self.balancer
             logger.info(
                 "lossfree: LossFreeBalancer attached to %d router(s), starting at step %d",
                 len(self.balancer.routers), self.balancer.steps_done,
             )
 
-        def on_train_step_end(self, context) -> None:
-            balancer = self.balancer
-            if balancer is None or balancer.steps_done == self._logged_step:
-                return
-            self._logged_step = balancer.steps_done
-            # last_metrics is refreshed only on every log_every-th balancer step.
-            if (balancer.steps_done - 1) % self.settings.log_every:
-                return
-            metrics = balancer.last_metrics
-            if not metrics:
-                return
-            # Bridge fires on_train_step_end before it counts the iteration;
-            # +1 puts our scalars at the step of Bridge's own "lm loss".
-            step = int(context.state.train_state.step) + 1
-            writer = context.state.tensorboard_logger
-            if writer is not None:
+        @staticmethod
+        def _write(state, metrics: dict) -> None:
+            # finalize_model_grads runs before Bridge counts the iteration; +1
+            # puts our scalars at the step of Bridge's own "lm loss".
+            step = int(state.train_state.step) + 1
+            if state.tensorboard_logger is not None:
                 for name, value in metrics.items():
-                    writer.add_scalar(name, value, step)
-            wandb_writer = context.state.wandb_logger
-            if wandb_writer is not None:
-                wandb_writer.log(dict(metrics), step)
+                    state.tensorboard_logger.add_scalar(name, value, step)
+            if state.wandb_logger is not None:
+                state.wandb_logger.log(dict(metrics), step)
 
     return LossFreeCallback()
