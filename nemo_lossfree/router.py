@@ -35,33 +35,16 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
+from nemo_lossfree.compat import refuse_unsupported_balancing, refuse_upstream_expert_bias
 from nemo_lossfree.update import MARGIN_BINS, margin_histogram, selection_margins
 
 # Buffers that must stay float32 whatever dtype the model is cast to.
 _FP32_BUFFERS = ("expert_bias", "local_tokens_per_expert", "local_margin_histogram")
-_UNSUPPORTED_BALANCING = ("sinkhorn", "quantile_balancing")
 # Training micro-batches without a balancer step before the router warns. Far
 # above the micro-batches of one global batch in practice.
 UNBALANCED_FORWARDS_WARNING = 4096
 
 logger = logging.getLogger(__name__)
-
-
-def refuse_upstream_expert_bias(config, user: str) -> None:
-    """Refuse ``moe_router_enable_expert_bias`` unless it is plainly off (False, None or 0).
-
-    Megatron-Core reads the flag by truthiness in ``finalize_model_grads``
-    and would then move our ``expert_bias`` a second time; a string such as
-    "false" is truthy there, so only the plain off values pass.
-    """
-    value = getattr(config, "moe_router_enable_expert_bias", False)
-    if value is None or (not isinstance(value, str) and value == 0):
-        return
-    raise ValueError(
-        f"moe_router_enable_expert_bias: must be False (or None, 0) with {user}, got {value!r}; "
-        "the loss-free balancer owns the expert-bias update (Megatron-Core's "
-        "finalize_model_grads would apply a second one). Configure the update through LossFreeConfig."
-    )
 
 
 class _CommitCountsOnBackward(torch.autograd.Function):
@@ -98,15 +81,7 @@ class LossFreeRouter(TopKRouter):
 
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False) -> None:
         refuse_upstream_expert_bias(config, "LossFreeRouter")
-        routing_type = config.moe_router_load_balancing_type
-        types = routing_type if isinstance(routing_type, list) else [routing_type]
-        bad = [t for t in types if t in _UNSUPPORTED_BALANCING]
-        if bad:
-            raise ValueError(
-                f"moe_router_load_balancing_type: {bad[0]!r} selects experts without top-K on "
-                "scores and cannot be combined with LossFreeRouter; use none, aux_loss, "
-                "seq_aux_loss or global_aux_loss"
-            )
+        refuse_unsupported_balancing(config)
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         # TopKRouter left these as plain None attributes; make them ours.
         for name in _FP32_BUFFERS:

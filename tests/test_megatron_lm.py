@@ -76,8 +76,9 @@ def test_flags_default_to_lossfree_config_and_stay_off(monkeypatch):
         (["--lossfree-update-rule", "cubic"], "--lossfree-update-rule: invalid choice: 'cubic'"),
         (["--lossfree", "--lossfree-update-rate", "-1"], "--lossfree-update-rate: must be a finite number >= 0"),
         (["--moe-router-load-balancing-type", "loss_free", "--moe-router-enable-expert-bias"],
-         "--moe-router-enable-expert-bias: must be off"),
-        (["--moe-router-load-balancing-type", "loss_free", "sinkhorn"], "sinkhorn cannot be combined"),
+         "--moe-router-enable-expert-bias: must be false"),
+        (["--moe-router-load-balancing-type", "loss_free", "sinkhorn"],
+         "--moe-router-load-balancing-type: 'sinkhorn' selects experts without top-K"),
     ],
 )
 def test_bad_values_are_errors_naming_the_flag(monkeypatch, capsys, extra, message):

@@ -65,7 +65,7 @@ BAD_VARIANTS = [
      "model.moe_router_num_groups: must divide num_moe_experts"),
     (["model.moe_router_group_topk=2"], "model.moe_router_num_groups: required"),
     (["model.moe_router_enable_expert_bias=true"],
-     "model.moe_router_enable_expert_bias: must be false when lossfree.enabled is true"),
+     "model.moe_router_enable_expert_bias: must be false (or None, 0) with lossfree.enabled, got True"),
     (["lossfree.enabled=false", "model.moe_router_score_function=softmax",
       "model.moe_router_enable_expert_bias=true"],
      "model.moe_router_enable_expert_bias: Megatron-Core refuses expert bias"),

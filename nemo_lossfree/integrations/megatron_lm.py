@@ -40,6 +40,7 @@ import dataclasses
 import functools
 from typing import Any, Callable, Optional
 
+from nemo_lossfree import compat
 from nemo_lossfree.config import DEFAULT_RATES, SCHEDULES, UPDATE_RULES, LossFreeConfig
 
 LOSS_FREE = "loss_free"
@@ -81,19 +82,8 @@ def normalize_args(args: argparse.Namespace) -> argparse.Namespace:
             rest = ["none"]
         setattr(args, BALANCING_TYPE_DEST, rest if isinstance(types, list) else rest[0])
     if getattr(args, "lossfree", False):
-        if getattr(args, "moe_router_enable_expert_bias", False):
-            raise ValueError(
-                "--moe-router-enable-expert-bias: must be off with loss-free balancing "
-                "(the balancer owns the expert-bias update); use --lossfree-update-rate instead"
-            )
-        remaining = getattr(args, BALANCING_TYPE_DEST, None)
-        remaining = remaining if isinstance(remaining, list) else [remaining]
-        for bad in ("sinkhorn", "quantile_balancing"):
-            if bad in remaining:
-                raise ValueError(
-                    f"--moe-router-load-balancing-type: {bad} cannot be combined with loss_free; "
-                    "use none, aux_loss, seq_aux_loss or global_aux_loss"
-                )
+        compat.refuse_upstream_expert_bias(args, "--lossfree (loss_free balancing)", compat.flag)
+        compat.refuse_unsupported_balancing(args, compat.flag)
         lossfree_config_from_args(args)  # validate the --lossfree-* values now
     return args
 
