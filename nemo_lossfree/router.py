@@ -36,6 +36,7 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 
 from nemo_lossfree.compat import refuse_unsupported_balancing, refuse_upstream_expert_bias
+from nemo_lossfree.scores import router_scores
 from nemo_lossfree.update import MARGIN_BINS, margin_histogram, selection_margins
 
 # Buffers that must stay float32 whatever dtype the model is cast to.
@@ -151,17 +152,8 @@ class LossFreeRouter(TopKRouter):
         return router_gating_linear(input, self.weight, self.bias, router_dtype)
 
     # -------------------------------------------------------------- routing
-    def _scores(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.score_function == "softmax":
-            return torch.softmax(logits, dim=-1, dtype=torch.float32)
-        if self.score_function == "sigmoid":
-            return torch.sigmoid(logits.float())
-        if self.score_function == "sqrtsoftplus":
-            return torch.nn.functional.softplus(logits.float()).sqrt()
-        raise ValueError(
-            f"moe_router_score_function: must be one of softmax, sigmoid, sqrtsoftplus; "
-            f"got {self.score_function!r}"
-        )
+    def _scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        return router_scores(logits_TE, self.score_function)
 
     def _topk(self, scores_TE: torch.Tensor, topk: int, num_groups=None, group_topk=None):
         if group_topk:

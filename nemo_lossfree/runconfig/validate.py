@@ -31,8 +31,8 @@ from nemo_lossfree import compat
 from nemo_lossfree.config import LossFreeConfig
 from nemo_lossfree.runconfig import megatron_fields
 from nemo_lossfree.runconfig.load import tasks_per_node
+from nemo_lossfree.scores import check_score_function
 
-SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
 _MISSING = object()
 
 
@@ -118,11 +118,7 @@ def _routing(c: _Checker, lossfree: Optional[LossFreeConfig]) -> dict[str, Any]:
         )
     score = model.get("moe_router_score_function", "softmax")
     info["score"] = score
-    if score not in SCORE_FUNCTIONS:
-        c.problems.append(
-            f"model.moe_router_score_function: must be one of {', '.join(SCORE_FUNCTIONS)}; "
-            f"got {score!r}"
-        )
+    c.refusal(check_score_function, score, "model.moe_router_score_function")
     groups = c.integer("model", "moe_router_num_groups", None, optional=True)
     group_topk = c.integer("model", "moe_router_group_topk", None, optional=True)
     if group_topk is not None:

@@ -54,7 +54,8 @@ def _nonnegative_float(text: str) -> float:
 
 def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
     from nemo_lossfree.apps.simulator import DEFAULT_RATES, STRATEGIES
-    from nemo_lossfree.apps.simulator.scores import SCORE_FUNCTIONS, SCORE_KINDS
+    from nemo_lossfree.apps.simulator.scores import SCORE_KINDS
+    from nemo_lossfree.scores import SCORE_FUNCTIONS
 
     p = subparsers.add_parser(name, help=help_text, description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from nemo_lossfree.config import LossFreeConfig
+from nemo_lossfree.scores import SCORE_FUNCTIONS, check_score_function
 
 
 def _check_count(name: str, value: Any, minimum: int) -> None:
@@ -81,8 +82,7 @@ class DemoSettings:
             raise ValueError(f"topk: must be <= experts ({self.experts}), got {self.topk}")
         if self.experts % 2:
             raise ValueError(f"experts: must be even (expert parallel 2), got {self.experts}")
-        if self.score_function not in ("sigmoid", "softmax"):
-            raise ValueError(f"score_function: must be sigmoid or softmax, got {self.score_function!r}")
+        check_score_function(self.score_function, "score_function")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size: must be a multiple of num_attention_heads ({self.num_attention_heads}), "
@@ -136,7 +136,7 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
                    help="attention heads (default %(default)s)")
     g.add_argument("--moe-ffn-hidden-size", type=int, default=d.moe_ffn_hidden_size,
                    help="hidden size of each expert (default %(default)s)")
-    g.add_argument("--score-function", default=d.score_function, choices=("sigmoid", "softmax"),
+    g.add_argument("--score-function", default=d.score_function, choices=SCORE_FUNCTIONS,
                    help="router score function (default %(default)s)")
     g.add_argument("--seq-length", type=int, default=d.seq_length, help="bytes per sequence (default %(default)s)")
     g.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size,
