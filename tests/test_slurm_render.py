@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from nemo_lossfree.apps.slurm.job import STOPPED_EXIT_CODE, SlurmJob
+from nemo_lossfree.apps.slurm.job import SlurmJob
 from nemo_lossfree.apps.slurm.render import render_sbatch
+from nemo_lossfree.exit_codes import EXIT_STOPPED
 
 PRETRAIN = ["-m", "nemo_lossfree.integrations.bridge.pretrain", "--config-file", "configs/big.yaml"]
 
@@ -175,7 +176,7 @@ if [ "$FAKE_MODE" = preempt ]; then
   exit 1
 fi
 exit "${FAKE_EXIT:-0}"
-""".replace("STOPPED", str(STOPPED_EXIT_CODE))
+""".replace("STOPPED", str(EXIT_STOPPED))
 # scancel --signal=USR1 <id>: deliver it to the (fake) training tasks.
 FAKE_SCANCEL = """\
 #!/bin/bash
@@ -245,20 +246,20 @@ def test_usr1_is_forwarded_then_the_job_requeues_itself(tmp_path):
         "saved",
         "requeue 4242",
     ]
-    assert f"training step exited with {STOPPED_EXIT_CODE}" in result.stdout
+    assert f"training step exited with {EXIT_STOPPED}" in result.stdout
 
 
 def test_no_requeue_after_max_requeues_or_when_disabled(tmp_path):
     env = _fake_slurm(tmp_path)
     result = _run_preempted(tmp_path, gpu_job(max_requeues=3), dict(env, SLURM_RESTART_COUNT="3"))
-    assert result.returncode == STOPPED_EXIT_CODE, result.stdout
+    assert result.returncode == EXIT_STOPPED, result.stdout
     assert "requeue" not in (tmp_path / "calls").read_text()
 
     (tmp_path / "srun_pid").unlink()
     (tmp_path / "calls").write_text("")
     result = _run_preempted(tmp_path, gpu_job(requeue=False), env)
     assert "#SBATCH --no-requeue" in (tmp_path / "job.sbatch").read_text()
-    assert result.returncode == STOPPED_EXIT_CODE, result.stdout
+    assert result.returncode == EXIT_STOPPED, result.stdout
     assert (tmp_path / "calls").read_text().splitlines() == ["scancel --signal=USR1 4242", "saved"]
 
 

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from nemo_lossfree.exit_codes import EXIT_STOPPED, EXIT_USAGE
+
 
 def _seeds(text: str) -> list[int]:
     try:
@@ -65,7 +67,6 @@ def run(args: argparse.Namespace) -> int:
     from nemo_lossfree.apps.demo.plots import plot_demo
     from nemo_lossfree.apps.demo.results import collect, combine_seeds, format_table, write_json
     from nemo_lossfree.apps.demo.settings import check_run, settings_from_args, settings_to_argv
-    from nemo_lossfree.apps.demo.worker import EXIT_STOPPED
 
     out = Path(args.out)
     try:
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             runs.append((seed, seed_settings, Path(seed_out), save, load))
     except ValueError as exc:
         print(f"nemo-lossfree demo: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     per_seed = {}

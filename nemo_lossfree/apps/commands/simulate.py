@@ -30,6 +30,7 @@ import torch
 
 from nemo_lossfree.apps.commands import check_output_dir
 from nemo_lossfree.config import SCHEDULES, UPDATE_RULES, LossFreeConfig
+from nemo_lossfree.exit_codes import EXIT_USAGE
 
 
 def _positive_int(text: str) -> int:
@@ -141,7 +142,7 @@ def run(args) -> int:
         check_output_dir(args.out_dir, "--out-dir", create=True)
     except ValueError as exc:
         print(f"nemo-lossfree simulate: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
     started = time.perf_counter()
     strategies = compare_strategies(env, args.strategies, rate=args.rate)

@@ -26,6 +26,7 @@ from typing import Any
 from nemo_lossfree.apps.commands import check_output_dir
 from nemo_lossfree.apps.commands.validate_config import validate
 from nemo_lossfree.apps.slurm.job import LAUNCHERS, SlurmJob
+from nemo_lossfree.exit_codes import EXIT_FAILED, EXIT_USAGE
 from nemo_lossfree.runconfig.load import ConfigFileError
 
 PREFIX = "nemo-lossfree slurm: "
@@ -154,17 +155,17 @@ def run(args: argparse.Namespace) -> int:
         config, common, layout, out_dir = prepare(args)
     except ConfigFileError as exc:
         print(f"{PREFIX}--config: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except ValueError as exc:
         print(f"{PREFIX}{exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     problems, _ = validate(with_layout(config, layout), prefix=PREFIX)
     if problems:
         given = " ".join(f"{flag} {getattr(args, name)}" for flag, name in LAYOUT_FLAGS
                          if getattr(args, name) is not None)
         print(f"{PREFIX}{args.config}: {len(problems)} problem(s){' with ' + given if given else ''}; "
               "nothing written or submitted", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         job = build_job(args, config, common, layout, out_dir)
         script_path = out_dir / f"{job.job_name}.sbatch"
@@ -175,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         check_output_dir(out_dir, "--output-dir", create=not args.dry_run)
     except ValueError as exc:
         print(f"{PREFIX}{exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if args.dry_run:
         print(text, end="")
         return 0
@@ -186,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         job_id = slurm.submit(str(script_path))
     except slurm.SlurmError as exc:
         print(f"{PREFIX}{exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     log = out_dir / "logs" / f"{job.job_name}-{job_id}.out"
     print(f"submitted job {job_id}: script {script_path}, log {log}", flush=True)
     if not args.wait:
@@ -199,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         info = slurm.wait(job_id, timeout_s=args.wait_timeout, on_change=report)
     except slurm.SlurmError as exc:
         print(f"{PREFIX}{exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     print(f"job {job_id}: {info.state}, exit code {info.exit_code}, restarts {info.restarts}; log {log}")
     if info.state != "COMPLETED":
         return info.exit_code or 1

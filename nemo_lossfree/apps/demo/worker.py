@@ -56,7 +56,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from nemo_lossfree.apps.demo.protocol import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE, PROGRESS_PREFIX  # noqa: F401
+from nemo_lossfree.apps.demo.protocol import PROGRESS_PREFIX
+from nemo_lossfree.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE  # noqa: F401 (re-exported)
 
 DEFAULT_PORT = 29500
 

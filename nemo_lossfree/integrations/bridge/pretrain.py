@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import yaml
 
+from nemo_lossfree.exit_codes import EXIT_USAGE
 from nemo_lossfree.runconfig.load import ConfigFileError, RunConfigError, load_run_config, split_sections
 
 DEFAULT_FORWARD_STEP = "megatron.bridge.training.gpt_step:forward_step"
@@ -121,21 +122,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         merged = load_run_config(args.config_file, args.overrides)
     except ConfigFileError as exc:
         print(f"error: --config-file: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except RunConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     from nemo_lossfree.integrations.bridge import lossfree_config
 
     try:
         lossfree_config(merged.get("lossfree"))  # fail fast, before importing Bridge
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     missing = bridge_missing()
     if missing:
         print(f"error: {missing}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if (merged.get("cluster") or {}).get("gpus_per_node") == 0:
         # The config is laid out for CPU processes (gloo): shim Megatron-Core's
         # CUDA-only calls before anything imports its transformer modules.
@@ -150,7 +151,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         callback = enable_lossfree(config, lossfree)
     except (RunConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     from megatron.bridge.training.pretrain import pretrain
 
     pretrain(config, import_object(args.forward_step), callbacks=[callback] if callback else None)
