@@ -184,6 +184,7 @@ def replay(traj: Trajectory, rule, *, check_bias: bool = False) -> dict:
     from nemo_lossfree.metrics import max_violation
 
     per_layer_global, per_layer_batch, worst_diff = [], [], 0.0
+    gains = [[] for _ in range(traj.layers)]  # the adaptive schedule's gain after each step
     for layer in range(traj.layers):
         bias = torch.zeros(traj.experts, dtype=torch.float32)
         state: dict = {}
@@ -195,6 +196,8 @@ def replay(traj: Trajectory, rule, *, check_bias: bool = False) -> dict:
             counts, hist = _step_inputs(scores, bias, traj.topk, margins=True)
             batch_vio.append(float(max_violation(counts)))
             bias = rule(state, step, counts, hist, bias)
+            if "gain" in state.get("update", {}):
+                gains[layer].append(float(state["update"]["gain"].mean()))
         if check_bias:
             worst_diff = max(worst_diff, float((bias - traj.final_bias[layer]).abs().max()))
         val = traj.val[layer]
@@ -207,6 +210,10 @@ def replay(traj: Trajectory, rule, *, check_bias: bool = False) -> dict:
         "maxvio_global_per_layer": per_layer_global,
         "maxvio_batch_mean": sum(per_layer_batch) / traj.layers,
     }
+    if gains[0]:
+        # Mean over layers at a few steps: where the gain settles.
+        marks = sorted({min(traj.steps, m) for m in (1, traj.steps // 4, traj.steps // 2, traj.steps)})
+        result["gain_at_step"] = {m: sum(g[m - 1] for g in gains) / traj.layers for m in marks}
     if check_bias:
         result["max_abs_bias_diff"] = worst_diff
     return result
@@ -256,14 +263,19 @@ def hindsight_bias(traj: Trajectory, last_steps: int) -> dict:
 
 
 CANDIDATES = {
-    "quantile u=1.0": dict(update_rule="quantile", update_rate=1.0),
-    "quantile u=0.5": dict(update_rule="quantile", update_rate=0.5),
-    "quantile u=0.25": dict(update_rule="quantile", update_rate=0.25),
-    "quantile u=0.15": dict(update_rule="quantile", update_rate=0.15),
+    "quantile u=1.0": dict(update_rule="quantile", update_rate=1.0, schedule="constant"),
+    "quantile u=0.7": dict(update_rule="quantile", update_rate=0.7, schedule="constant"),
+    "quantile u=0.5": dict(update_rule="quantile", update_rate=0.5, schedule="constant"),
+    "quantile u=0.25": dict(update_rule="quantile", update_rate=0.25, schedule="constant"),
+    "quantile u=0.15": dict(update_rule="quantile", update_rate=0.15, schedule="constant"),
     "quantile adaptive [0.02, 1]": dict(update_rule="quantile", update_rate=1.0, schedule="adaptive",
                                         min_update_rate=0.02),
     "quantile adaptive [0.02, 0.5]": dict(update_rule="quantile", update_rate=0.5, schedule="adaptive",
                                           min_update_rate=0.02),
+    "quantile adaptive [0, 0.5]": dict(update_rule="quantile", update_rate=0.5, schedule="adaptive"),
+    "quantile adaptive [0, 1]": dict(update_rule="quantile", update_rate=1.0, schedule="adaptive"),
+    "quantile adaptive [0.5, 1]": dict(update_rule="quantile", update_rate=1.0, schedule="adaptive",
+                                       min_update_rate=0.5),
     "proportional 1e-2": dict(update_rule="proportional", update_rate=1e-2),
     "sign 1e-3 (paper)": dict(update_rule="sign", update_rate=1e-3),
 }
@@ -277,6 +289,7 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=29527)
     parser.add_argument("--replay-only", action="store_true", help="use the scores already recorded in --out")
     parser.add_argument("--candidates", nargs="*", default=None, help="names of CANDIDATES (default all)")
+    parser.add_argument("--no-hindsight", action="store_true", help="skip the hindsight bounds (the slow part)")
     args, demo_flags = parser.parse_known_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -286,7 +299,8 @@ def main() -> int:
     traj = Trajectory(out, world)
     report = {"settings": traj.settings, "recorded": {
         "maxvio_global": traj.arm["maxvio_global"], "val_loss": traj.arm["val_loss"]}}
-    recorded_config = traj.settings.get("lossfree", {})
+    # The config the run resolved (its defaults may since have changed), else its overrides.
+    recorded_config = traj.arm.get("balancer_state", {}).get("config") or traj.settings.get("lossfree", {})
     check = replay(traj, library_rule(**recorded_config), check_bias=True)
     report["replay_check"] = check
     print(f"replay of the recorded rule: MaxVio_global {check['maxvio_global']:.4f} "
@@ -296,9 +310,12 @@ def main() -> int:
         if args.candidates and name not in args.candidates:
             continue
         rows[name] = replay(traj, library_rule(**fields))
+        gain = rows[name].get("gain_at_step")
         print(f"{name:32s} MaxVio_global {rows[name]['maxvio_global']:.4f}  "
-              f"mean MaxVio_batch {rows[name]['maxvio_batch_mean']:.4f}", flush=True)
-    for last in (1, 10):
+              f"mean MaxVio_batch {rows[name]['maxvio_batch_mean']:.4f}"
+              + ("  gain at step " + ", ".join(f"{m}: {g:.2f}" for m, g in gain.items()) if gain else ""),
+              flush=True)
+    for last in () if args.no_hindsight else (1, 10):
         name = f"hindsight: last {last} batches"
         rows[name] = hindsight_bias(traj, last)
         print(f"{name:32s} MaxVio_global {rows[name]['maxvio_global']:.4f}")
