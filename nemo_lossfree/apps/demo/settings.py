@@ -167,10 +167,11 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> DemoSettings:
-    lossfree = dict(args.lossfree_overrides)
-    # Typed values (results.json records numbers, not the command line's strings).
-    typed = LossFreeConfig.from_dict(lossfree)
-    lossfree = {key: getattr(typed, key) for key in lossfree}
+    from nemo_lossfree.runconfig.load import load_run_config
+
+    # --lossfree KEY=VALUE is typed like a run config's lossfree.KEY=VALUE override (one reader).
+    given = [f"lossfree.{key}={value}" for key, value in args.lossfree_overrides]
+    lossfree = load_run_config(None, given).get("lossfree") or {}
     names = {f.name for f in dataclasses.fields(DemoSettings)} - {"lossfree"}
     return DemoSettings(lossfree=lossfree, **{n: getattr(args, n) for n in names})
 

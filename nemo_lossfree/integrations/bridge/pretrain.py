@@ -30,10 +30,14 @@ import sys
 import tempfile
 from typing import Any, Callable, Optional, Sequence
 
-import yaml
-
 from nemo_lossfree.exit_codes import EXIT_USAGE
-from nemo_lossfree.runconfig.load import ConfigFileError, RunConfigError, load_run_config, split_sections
+from nemo_lossfree.runconfig.load import (
+    ConfigFileError,
+    RunConfigError,
+    load_run_config,
+    save_run_config,
+    split_sections,
+)
 
 DEFAULT_FORWARD_STEP = "megatron.bridge.training.gpt_step:forward_step"
 #: pyproject.toml's ``bridge`` extra.
@@ -98,8 +102,7 @@ def build_config(recipe: str, merged: dict):
     config = load_recipe(recipe)()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "overrides.yaml")
-        with open(path, "w") as handle:
-            yaml.safe_dump(bridge_part, handle)
+        save_run_config(bridge_part, path)
         config = process_config_with_overrides(config, config_filepath=path)
     if spec_path is not None:
         config.model.transformer_layer_spec = import_object(str(spec_path))
