@@ -62,11 +62,13 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from nemo_lossfree.apps.demo.arms import parse_arms
-    from nemo_lossfree.apps.demo.launcher import launch
+    from nemo_lossfree.apps.demo.launcher import WORLD_SIZE, launch
     from nemo_lossfree.apps.demo.pareto import describe
     from nemo_lossfree.apps.demo.plots import plot_demo
     from nemo_lossfree.apps.demo.results import collect, combine_seeds, format_table, write_json
-    from nemo_lossfree.apps.demo.settings import check_run, settings_from_args, settings_to_argv
+    from nemo_lossfree.apps.demo.run_config import to_run_config
+    from nemo_lossfree.apps.demo.settings import check_run, settings_from_args
+    from nemo_lossfree.runconfig.load import save_run_config
 
     out = Path(args.out)
     try:
@@ -90,7 +92,10 @@ def run(args: argparse.Namespace) -> int:
     per_seed = {}
     for seed, seed_settings, seed_out, save, load in runs:
         seed_out.mkdir(parents=True, exist_ok=True)
-        worker_argv = ["--arm", ",".join(arms), "--out", str(seed_out), *settings_to_argv(seed_settings)]
+        # The workers read the settings as a run config: the file is what trained.
+        run_config = seed_out / "run_config.yaml"
+        save_run_config(to_run_config(seed_settings, world_size=WORLD_SIZE), run_config)
+        worker_argv = ["--arm", ",".join(arms), "--out", str(seed_out), "--config", str(run_config)]
         for flag, value in (("--save", save), ("--save-interval", args.save_interval), ("--load", load)):
             if value is not None:
                 worker_argv += [flag, str(value)]

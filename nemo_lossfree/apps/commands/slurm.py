@@ -21,7 +21,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from nemo_lossfree.apps.commands import check_output_dir
 from nemo_lossfree.apps.commands.validate_config import validate
@@ -123,28 +123,22 @@ def with_layout(config: dict[str, Any], layout: SlurmJob) -> dict[str, Any]:
 
 
 def build_job(args: argparse.Namespace, config: dict[str, Any], common: dict[str, Any],
-              layout: SlurmJob, out_dir: Path) -> SlurmJob:
-    """The job: the layout plus the training command (Bridge on GPUs, the demo worker on CPUs)."""
+              layout: SlurmJob, out_dir: Path) -> tuple[SlurmJob, Optional[dict[str, Any]]]:
+    """The job (the layout plus the training command: Bridge on GPUs, the demo worker on CPUs)
+    and, for CPU jobs, the resolved run config the job reads (written next to the script)."""
     from nemo_lossfree.apps.slurm import payload
 
     if layout.gpus_per_node:
         command = payload.gpu_pretrain_command(args.config, args.overrides, config, recipe=args.recipe)
-        python = args.python or "python"
-    else:
-        checkpoint_dir = (config.get("checkpoint") or {}).get("save") or str(out_dir / "checkpoints")
-        # The demo worker's own default is EP 2 when the config names none.
-        ep = (config.get("model") or {}).get("expert_model_parallel_size") or 2
-        if layout.world_size % ep:
-            raise ValueError(
-                f"--nodes x --ntasks-per-node: the world size ({layout.world_size}) must be a multiple of "
-                f"model.expert_model_parallel_size ({ep})"
-            )
-        command = payload.cpu_worker_command(
-            config, world_size=layout.world_size, results_dir=str(out_dir / "results"),
-            checkpoint_dir=str(Path(checkpoint_dir).resolve()),
-        )
-        python = args.python or payload.default_python()
-    return SlurmJob(command=command, python=python, **common)
+        return SlurmJob(command=command, python=args.python or "python", **common), None
+    run_config = with_layout(config, layout)
+    checkpoint_dir = (config.get("checkpoint") or {}).get("save") or str(out_dir / "checkpoints")
+    command = payload.cpu_worker_command(
+        run_config, config_file=str(out_dir / payload.RUN_CONFIG_FILE), results_dir=str(out_dir / "results"),
+        checkpoint_dir=str(Path(checkpoint_dir).resolve()),
+    )
+    python = args.python or payload.default_python()
+    return SlurmJob(command=command, python=python, **common), run_config
 
 
 def run(args: argparse.Namespace) -> int:
@@ -167,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
               "nothing written or submitted", file=sys.stderr)
         return EXIT_USAGE
     try:
-        job = build_job(args, config, common, layout, out_dir)
+        job, run_config = build_job(args, config, common, layout, out_dir)
         script_path = out_dir / f"{job.job_name}.sbatch"
         text = render_sbatch(
             job, title=f"nemo-lossfree: {args.config}", submit_hint=f"Submit with: sbatch {script_path}"
@@ -181,6 +175,11 @@ def run(args: argparse.Namespace) -> int:
         print(text, end="")
         return 0
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    if run_config is not None:
+        from nemo_lossfree.apps.slurm.payload import RUN_CONFIG_FILE
+        from nemo_lossfree.runconfig.load import save_run_config
+
+        save_run_config(run_config, out_dir / RUN_CONFIG_FILE)
     script_path.write_text(text)
     script_path.chmod(0o755)
     try:

@@ -1,9 +1,10 @@
 """Every setting of one demo run, and the command-line flags that set them.
 
-The same flags are read by ``nemo-lossfree demo`` (which passes them on) and by
-``python -m nemo_lossfree.apps.demo.worker``, so a SLURM or torchrun launch of the
-worker trains exactly what the demo trains, and both refuse the same bad flags
-(``DemoSettings`` and ``check_run``) before any rank joins the process group.
+The same flags are read by ``nemo-lossfree demo`` and by
+``python -m nemo_lossfree.apps.demo.worker`` (torchrun, srun), and both refuse
+the same bad flags (``DemoSettings`` and ``check_run``) before any rank joins
+the process group. The demo hands its workers the settings as a run config
+(``run_config.to_run_config``), not as flags again.
 """
 
 from __future__ import annotations
@@ -118,10 +119,13 @@ def _key_value(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
-def add_settings_args(parser: argparse.ArgumentParser) -> None:
-    """The model, data and training flags (defaults from DemoSettings)."""
+SETTINGS_GROUP = "model and training"
+
+
+def add_settings_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The model, data and training flags (defaults from DemoSettings); returns their group."""
     d = DemoSettings()
-    g = parser.add_argument_group("model and training")
+    g = parser.add_argument_group(SETTINGS_GROUP)
     g.add_argument("--steps", type=int, default=d.steps, help="training steps per arm (default %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of weights and data order (default %(default)s)")
     g.add_argument("--experts", type=int, default=d.experts, help="experts per MoE layer (default %(default)s)")
@@ -164,6 +168,7 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
                    type=_key_value, metavar="KEY=VALUE",
                    help="LossFreeConfig field for the loss_free arm, repeatable (e.g. update_rate=0.25); "
                         "default: LossFreeConfig()'s own defaults")
+    return g
 
 
 def settings_from_args(args: argparse.Namespace) -> DemoSettings:
@@ -174,30 +179,6 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
     lossfree = load_run_config(None, given).get("lossfree") or {}
     names = {f.name for f in dataclasses.fields(DemoSettings)} - {"lossfree"}
     return DemoSettings(lossfree=lossfree, **{n: getattr(args, n) for n in names})
-
-
-def settings_to_argv(settings: DemoSettings) -> list[str]:
-    """The flags that rebuild ``settings`` (for spawning workers)."""
-    flags = {
-        "steps": "--steps", "seed": "--seed", "experts": "--experts", "topk": "--topk",
-        "num_layers": "--layers", "dense_layers": "--dense-layers", "hidden_size": "--hidden-size",
-        "num_attention_heads": "--heads",
-        "moe_ffn_hidden_size": "--moe-ffn-hidden-size", "score_function": "--score-function",
-        "seq_length": "--seq-length", "micro_batch_size": "--micro-batch-size",
-        "num_micro_batches": "--num-micro-batches", "lr": "--lr", "min_lr": "--min-lr",
-        "lr_warmup_steps": "--lr-warmup-steps", "lr_decay_steps": "--lr-decay-steps",
-        "val_windows": "--val-windows", "val_micro_batch_size": "--val-micro-batch-size",
-        "corpus": "--corpus", "corpus_max_bytes": "--corpus-max-bytes",
-        "tokenizer": "--tokenizer", "vocab_size": "--vocab-size",
-    }
-    argv: list[str] = []
-    for name, flag in flags.items():
-        value = getattr(settings, name)
-        if value is not None:
-            argv += [flag, str(value)]
-    for key, value in settings.lossfree.items():
-        argv += ["--lossfree", f"{key}={value}"]
-    return argv
 
 
 _UNSET = object()
