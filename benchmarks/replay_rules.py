@@ -105,9 +105,11 @@ def _worker_main(argv: list[str]) -> int:
             self.model.train()
         rank = dist.get_rank()
         arrays = {}
+        micro = self.settings.num_micro_batches  # the hooks saw one forward per micro-batch
         for i in range(len(self._replay_routers)):
-            arrays[f"train_{i}"] = np.stack(recorded["train"][i])  # [steps, T, E]
-            arrays[f"bias_{i}"] = np.stack(recorded["bias"][i])  # [steps, E]: the bias each step selected with
+            train = np.stack(recorded["train"][i])
+            arrays[f"train_{i}"] = train.reshape(-1, micro, *train.shape[1:])  # [steps, micro-batches, T, E]
+            arrays[f"bias_{i}"] = np.stack(recorded["bias"][i])[::micro]  # [steps, E]: the bias each step used
             arrays[f"val_{i}"] = np.concatenate(val[i])
             arrays[f"final_bias_{i}"] = self._replay_routers[i].expert_bias.float().numpy()
         np.savez(out / f"scores_rank{rank}.npz", **arrays)
@@ -138,7 +140,7 @@ def train_and_record(out: Path, world: int, port: int, demo_flags: list[str]) ->
 
 # ---------------------------------------------------------------- replay
 class Trajectory:
-    """The recorded run: per layer, ``train[rank]`` ``[steps, T, E]``, ``val`` ``[N, E]``."""
+    """The recorded run: per layer, ``train[rank]`` ``[steps, micro-batches, T, E]``, ``val`` ``[N, E]``."""
 
     def __init__(self, out: Path, world: int) -> None:
         import numpy as np
@@ -166,14 +168,20 @@ def _step_inputs(scores_per_rank, bias, topk, margins: bool):
 
     counts = torch.zeros(bias.shape[0], dtype=torch.float64)
     hist = None
-    for scores in scores_per_rank:  # each rank's float32 sums, added in float64 (the all-reduce)
-        biased = scores + bias
-        top = torch.topk(biased, topk, dim=1, sorted=True).indices
-        selected = torch.zeros_like(biased, dtype=torch.bool).scatter_(1, top, True)
-        counts += selected.sum(0, dtype=torch.float32).double()
+    for rank_scores in scores_per_rank:  # each rank's float32 sums, added in float64 (the all-reduce)
+        if rank_scores.dim() == 2:  # recorded before micro-batches were kept apart: one per step
+            rank_scores = rank_scores[None]
+        rank_counts, rank_hist = 0, 0
+        for scores in rank_scores:  # the rank's micro-batches, accumulated in float32 as the router does
+            biased = scores + bias
+            top = torch.topk(biased, topk, dim=1, sorted=True).indices
+            selected = torch.zeros_like(biased, dtype=torch.bool).scatter_(1, top, True)
+            rank_counts = rank_counts + selected.sum(0, dtype=torch.float32)
+            if margins:
+                rank_hist = rank_hist + margin_histogram(selection_margins(biased, selected, topk))
+        counts += rank_counts.double()
         if margins:
-            h = margin_histogram(selection_margins(biased, selected, topk)).double()
-            hist = h if hist is None else hist + h
+            hist = rank_hist.double() if hist is None else hist + rank_hist.double()
     return counts, hist
 
 
@@ -252,7 +260,7 @@ def hindsight_bias(traj: Trajectory, last_steps: int) -> dict:
     per_layer = []
     for layer in range(traj.layers):
         bias = traj.final_bias[layer].clone()
-        pooled = [torch.cat([r[step] for step in range(traj.steps - last_steps, traj.steps)])
+        pooled = [torch.cat([r[step].reshape(-1, traj.experts) for step in range(traj.steps - last_steps, traj.steps)])
                   for r in traj.train[layer]]
         for _ in range(30):
             counts, hist = _step_inputs(pooled, bias, traj.topk, margins=True)
