@@ -29,8 +29,9 @@ import torch
 import torch.distributed as dist
 
 from nemo_lossfree import metrics as lf_metrics
+from nemo_lossfree.compat import refuse_upstream_expert_bias
 from nemo_lossfree.config import LossFreeConfig
-from nemo_lossfree.router import STATE_BUFFERS, STEPS_BUFFER, LossFreeRouter, refuse_upstream_expert_bias
+from nemo_lossfree.router import STATE_BUFFERS, STEPS_BUFFER, LossFreeRouter
 from nemo_lossfree.update import apply_update, scheduled_rate, update_state_keys
 
 logger = logging.getLogger(__name__)

@@ -45,6 +45,8 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 
 from nemo_lossfree import megatron_compat
+from nemo_lossfree.compat import refuse_unsupported_balancing, refuse_upstream_expert_bias
+from nemo_lossfree.scores import router_scores
 from nemo_lossfree.update import MARGIN_BINS, UPDATE_STATE_LAYOUT, margin_histogram, selection_margins, state_zeros
 
 #: The balancer's step counter (int64 ``[1]``): the rate schedule's position.
@@ -60,29 +62,11 @@ _EXTRA_STATE_KEYS = {"steps": STEPS_BUFFER, **STATE_BUFFERS}
 # float64 and int64 state).
 _FIXED_DTYPE_BUFFERS = ("expert_bias", "local_tokens_per_expert", "local_margin_histogram",
                         *BALANCER_STATE_BUFFERS)
-_UNSUPPORTED_BALANCING = ("sinkhorn", "quantile_balancing")
 # Training micro-batches without a balancer step before the router warns. Far
 # above the micro-batches of one global batch in practice.
 UNBALANCED_FORWARDS_WARNING = 4096
 
 logger = logging.getLogger(__name__)
-
-
-def refuse_upstream_expert_bias(config, user: str) -> None:
-    """Refuse ``moe_router_enable_expert_bias`` unless it is plainly off (False, None or 0).
-
-    Megatron-Core reads the flag by truthiness in ``finalize_model_grads``
-    and would then move our ``expert_bias`` a second time; a string such as
-    "false" is truthy there, so only the plain off values pass.
-    """
-    value = getattr(config, "moe_router_enable_expert_bias", False)
-    if value is None or (not isinstance(value, str) and value == 0):
-        return
-    raise ValueError(
-        f"moe_router_enable_expert_bias: must be False (or None, 0) with {user}, got {value!r}; "
-        "the loss-free balancer owns the expert-bias update (Megatron-Core's "
-        "finalize_model_grads would apply a second one). Configure the update through LossFreeConfig."
-    )
 
 
 class _CommitCountsOnBackward(torch.autograd.Function):
@@ -119,15 +103,7 @@ class LossFreeRouter(TopKRouter):
 
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False) -> None:
         refuse_upstream_expert_bias(config, "LossFreeRouter")
-        routing_type = config.moe_router_load_balancing_type
-        types = routing_type if isinstance(routing_type, list) else [routing_type]
-        bad = [t for t in types if t in _UNSUPPORTED_BALANCING]
-        if bad:
-            raise ValueError(
-                f"moe_router_load_balancing_type: {bad[0]!r} selects experts without top-K on "
-                "scores and cannot be combined with LossFreeRouter; use none, aux_loss, "
-                "seq_aux_loss or global_aux_loss"
-            )
+        refuse_unsupported_balancing(config)
         megatron_compat.check_router_config(config)
         super().__init__(
             config=config, pg_collection=pg_collection, **megatron_compat.router_init_kwargs(is_mtp_layer)
@@ -275,17 +251,8 @@ class LossFreeRouter(TopKRouter):
         return router_gating_linear(input, self.weight, self.bias, router_dtype)
 
     # -------------------------------------------------------------- routing
-    def _scores(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.score_function == "softmax":
-            return torch.softmax(logits, dim=-1, dtype=torch.float32)
-        if self.score_function == "sigmoid":
-            return torch.sigmoid(logits.float())
-        if self.score_function == "sqrtsoftplus":
-            return torch.nn.functional.softplus(logits.float()).sqrt()
-        raise ValueError(
-            f"moe_router_score_function: must be one of softmax, sigmoid, sqrtsoftplus; "
-            f"got {self.score_function!r}"
-        )
+    def _scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        return router_scores(logits_TE, self.score_function)
 
     def _topk(self, scores_TE: torch.Tensor, topk: int, num_groups=None, group_topk=None):
         if group_topk:

@@ -106,7 +106,7 @@ def test_aux_loss_left_on_warns():
 
 
 def test_section_values_are_validated_with_loss_free_configs_messages():
-    assert lossfree_config({"enabled": True, "update_rate": "1e-3"}).update_rate == 1e-3
+    assert lossfree_config({"enabled": True, "update_rate": 1e-3}).update_rate == 1e-3
     with pytest.raises(ValueError, match=r"^lossfree.update_rate: must be a finite number >= 0"):
         lossfree_config({"enabled": True, "update_rate": -1e-3})
 

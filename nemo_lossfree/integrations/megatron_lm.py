@@ -42,21 +42,59 @@ import dataclasses
 import functools
 from typing import Any, Callable, Optional
 
-from nemo_lossfree.config import DEFAULT_RATES, SCHEDULES, UPDATE_RULES, LossFreeConfig
+from nemo_lossfree import compat
+from nemo_lossfree.config import LossFreeConfig
 
 LOSS_FREE = "loss_free"
 BALANCING_TYPE_DEST = "moe_router_load_balancing_type"
 # LossFreeConfig fields that are not flags (``enabled`` is --lossfree / loss_free).
 _NOT_FLAGS = ("enabled",)
-_CHOICES = {"update_rule": UPDATE_RULES, "schedule": SCHEDULES}
+PREFIX = "lossfree_"
 
 
 def _flag(name: str) -> str:
-    return "--lossfree-" + name.replace("_", "-")
+    return "--" + (PREFIX + name).replace("_", "-")
 
 
-def _optional_int(text: str) -> Optional[int]:
-    return None if text.lower() in ("none", "null") else int(text)
+def lossfree_argument_factory():
+    """Megatron's ``ArgumentGroupFactory`` over ``LossFreeConfig``, named ``--lossfree-<field>``.
+
+    The flags, their types (from the annotations), defaults, choices
+    (``argparse_meta``) and help (the field docstrings) come from the
+    dataclass, as Megatron-LM's own config dataclasses become its flags. Ours
+    carry a prefix, in the flag and in ``args`` (``args.lossfree_update_rate``),
+    so no field can collide with one of Megatron-LM's. A bool field that
+    defaults to true gets Megatron's ``--no-*`` / ``--disable-*`` form.
+    """
+    try:
+        from megatron.training.argument_utils import ArgumentGroupFactory
+    except ImportError as exc:  # megatron.training is Megatron-LM's (the megatron-core wheel has it from 0.17)
+        raise ImportError(
+            "nemo_lossfree.integrations.megatron_lm: needs megatron.training.argument_utils "
+            f"(Megatron-LM, or the megatron-core wheel >= 0.17): {exc}"
+        ) from None
+
+    class LossFreeArgumentGroupFactory(ArgumentGroupFactory):
+        def _format_arg_name(self, config_attr_name: str, prefix: Optional[str] = None) -> str:
+            return super()._format_arg_name(PREFIX + config_attr_name, prefix)
+
+        def _build_argparse_kwargs_from_field(self, attribute):
+            kwargs = super()._build_argparse_kwargs_from_field(attribute)
+            kwargs["dest"] = PREFIX + attribute.name
+            return kwargs
+
+        def build_group(self, parser, title=None):
+            group = super().build_group(parser, title=title)
+            # The documented ``--[no-]lossfree-center``: Megatron's form has only
+            # the negative flags for a bool that defaults to true; the positive
+            # one states the default explicitly (no default of its own).
+            for f in dataclasses.fields(LossFreeConfig):
+                if f.name not in _NOT_FLAGS and f.type is bool and f.default is True:
+                    group.add_argument(_flag(f.name), dest=PREFIX + f.name, action="store_true",
+                                       default=argparse.SUPPRESS, help=f"Keep {_flag(f.name)} on (the default).")
+            return group
+
+    return LossFreeArgumentGroupFactory(LossFreeConfig, exclude=list(_NOT_FLAGS))
 
 
 def _allow_loss_free_balancing_type(parser: argparse.ArgumentParser) -> None:
@@ -83,19 +121,8 @@ def normalize_args(args: argparse.Namespace) -> argparse.Namespace:
             rest = ["none"]
         setattr(args, BALANCING_TYPE_DEST, rest if isinstance(types, list) else rest[0])
     if getattr(args, "lossfree", False):
-        if getattr(args, "moe_router_enable_expert_bias", False):
-            raise ValueError(
-                "--moe-router-enable-expert-bias: must be off with loss-free balancing "
-                "(the balancer owns the expert-bias update); use --lossfree-update-rate instead"
-            )
-        remaining = getattr(args, BALANCING_TYPE_DEST, None)
-        remaining = remaining if isinstance(remaining, list) else [remaining]
-        for bad in ("sinkhorn", "quantile_balancing"):
-            if bad in remaining:
-                raise ValueError(
-                    f"--moe-router-load-balancing-type: {bad} cannot be combined with loss_free; "
-                    "use none, aux_loss, seq_aux_loss or global_aux_loss"
-                )
+        compat.refuse_upstream_expert_bias(args, "--lossfree (loss_free balancing)", compat.flag)
+        compat.refuse_unsupported_balancing(args, compat.flag)
         lossfree_config_from_args(args)  # validate the --lossfree-* values now
     return args
 
@@ -106,32 +133,10 @@ def add_lossfree_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     The returned parser normalises its result right after parsing (see
     ``normalize_args``), before Megatron's ``validate_args`` sees it.
     """
-    group = parser.add_argument_group(title="loss-free load balancing (nemo_lossfree)")
+    group = lossfree_argument_factory().build_group(parser, title="loss-free load balancing (nemo_lossfree)")
     group.add_argument("--lossfree", action="store_true",
                        help="Enable auxiliary-loss-free load balancing (LossFreeRouter + "
                             "LossFreeBalancer); same as --moe-router-load-balancing-type loss_free.")
-    for f in dataclasses.fields(LossFreeConfig):
-        if f.name in _NOT_FLAGS:
-            continue
-        # The declared default (update_rate's None means "the rule's own").
-        default = f.default
-        help_text = f"LossFreeConfig.{f.name} (default: {default})."
-        if f.name == "update_rate":
-            help_text = ("LossFreeConfig.update_rate (default: the rule's: "
-                         + ", ".join(f"{rule} {rate:g}" for rule, rate in DEFAULT_RATES.items()) + ").")
-        if f.type == "bool":
-            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,
-                               default=default, help=help_text)
-        elif f.name in _CHOICES:
-            group.add_argument(_flag(f.name), choices=_CHOICES[f.name], default=default, help=help_text)
-        elif f.type in ("float", "Optional[float]"):
-            group.add_argument(_flag(f.name), type=float, default=default, help=help_text)
-        elif f.type == "int":
-            group.add_argument(_flag(f.name), type=int, default=default, help=help_text)
-        elif f.type == "Optional[int]":
-            group.add_argument(_flag(f.name), type=_optional_int, default=default, help=help_text)
-        else:  # a new field must get a flag deliberately
-            raise TypeError(f"LossFreeConfig.{f.name}: no flag mapping for type {f.type!r}")
     _allow_loss_free_balancing_type(parser)
 
     parse_known_args = parser.parse_known_args
@@ -155,8 +160,8 @@ def lossfree_config_from_args(args: argparse.Namespace) -> LossFreeConfig:
     for f in dataclasses.fields(LossFreeConfig):
         if f.name in _NOT_FLAGS:
             continue
-        if hasattr(args, "lossfree_" + f.name):
-            values[f.name] = getattr(args, "lossfree_" + f.name)
+        if hasattr(args, PREFIX + f.name):
+            values[f.name] = getattr(args, PREFIX + f.name)
     try:
         return LossFreeConfig(enabled=bool(getattr(args, "lossfree", False)), **values)
     except ValueError as exc:

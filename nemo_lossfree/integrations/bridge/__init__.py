@@ -39,6 +39,7 @@ import logging
 import warnings
 from typing import Any, Mapping, Optional, Union
 
+from nemo_lossfree import compat
 from nemo_lossfree.config import LossFreeConfig
 
 logger = logging.getLogger(__name__)
@@ -84,25 +85,12 @@ def _is_module_spec(value: Any) -> bool:
 
 def check_model_settings(model: Any) -> None:
     """Refuse settings that contradict loss-free balancing; warn about auxiliary losses."""
-    if not getattr(model, "num_moe_experts", None):
-        raise ValueError(
-            "model.num_moe_experts: lossfree.enabled needs an MoE model; set num_moe_experts"
-        )
-    if getattr(model, "moe_router_enable_expert_bias", False):
-        raise ValueError(
-            "model.moe_router_enable_expert_bias: must be false when lossfree.enabled is true; "
-            "LossFreeRouter keeps its own bias and refuses Megatron's (turn one of them off)"
-        )
-    coeff = getattr(model, "moe_aux_loss_coeff", 0.0)
-    kind = getattr(model, "moe_router_load_balancing_type", "aux_loss")
-    coeffs = coeff if isinstance(coeff, (list, tuple)) else [coeff]
-    if kind != "none" and any(c for c in coeffs):
-        warnings.warn(
-            f"model.moe_aux_loss_coeff: is {coeff} with lossfree.enabled (load balancing type "
-            f"{kind!r}); the auxiliary loss fights the bias; set 0 for the paper's method",
-            UserWarning,
-            stacklevel=3,
-        )
+    compat.require_moe(model, compat.yaml_key)
+    compat.refuse_upstream_expert_bias(model, "lossfree.enabled", compat.yaml_key)
+    compat.refuse_unsupported_balancing(model, compat.yaml_key)
+    warning = compat.aux_loss_warning(model, compat.yaml_key)
+    if warning is not None:
+        warnings.warn(warning, UserWarning, stacklevel=3)
 
 
 def enable_lossfree(config: Any, section: Union[LossFreeConfig, Mapping[str, Any], None]):
