@@ -26,8 +26,10 @@ What it does when ``enabled``:
   batch after the last backward), resumes its step counter from the
   iteration, and writes its ``lossfree/...`` metrics to Bridge's TensorBoard
   and W&B writers;
-- refuses ``model.moe_router_enable_expert_bias`` (one bias, ours) and warns
-  when an auxiliary load-balancing loss is left on.
+- takes over ``model.moe_router_enable_expert_bias`` when the recipe set it
+  (DeepSeek-V3, GLM, Kimi, ...: Megatron's update off, the bias buffer and its
+  checkpoint key kept, one log line; see ``takeover.py``) and warns when an
+  auxiliary load-balancing loss is left on.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import warnings
 from typing import Any, Mapping, Optional, Union
 
 from nemo_lossfree.config import LossFreeConfig
+from nemo_lossfree.integrations.bridge.takeover import take_over_expert_bias
 
 logger = logging.getLogger(__name__)
 
@@ -81,15 +84,14 @@ def _is_module_spec(value: Any) -> bool:
 
 
 def check_model_settings(model: Any) -> None:
-    """Refuse settings that contradict loss-free balancing; warn about auxiliary losses."""
+    """Refuse a dense model; warn about auxiliary losses left on.
+
+    Megatron's own expert bias is taken over before this runs
+    (``takeover.take_over_expert_bias``), not refused.
+    """
     if not getattr(model, "num_moe_experts", None):
         raise ValueError(
             "model.num_moe_experts: lossfree.enabled needs an MoE model; set num_moe_experts"
-        )
-    if getattr(model, "moe_router_enable_expert_bias", False):
-        raise ValueError(
-            "model.moe_router_enable_expert_bias: must be false when lossfree.enabled is true; "
-            "LossFreeRouter keeps its own bias and refuses Megatron's (turn one of them off)"
         )
     coeff = getattr(model, "moe_aux_loss_coeff", 0.0)
     kind = getattr(model, "moe_router_load_balancing_type", "aux_loss")
@@ -114,6 +116,7 @@ def enable_lossfree(config: Any, section: Union[LossFreeConfig, Mapping[str, Any
         return None
     model = config.model
     check_model_settings(model)
+    take_over_expert_bias(model, settings.update_rate)
     if not isinstance(model.transformer_layer_spec, LossFreeLayerSpec):
         model.transformer_layer_spec = LossFreeLayerSpec(model.transformer_layer_spec)
     return make_callback(settings)
