@@ -135,6 +135,9 @@ def export_to_hf(model: Union[torch.nn.Module, Sequence[torch.nn.Module]], bridg
     """
     from megatron.core.utils import get_model_config
 
+    from nemo_lossfree.integrations.bridge import register_router_for_conversion
+
+    register_router_for_conversion()
     chunks = [model] if isinstance(model, torch.nn.Module) else list(model)
     hf_config = getattr(bridge.hf_pretrained, "config", bridge.hf_pretrained)
     architectures = getattr(hf_config, "architectures", None) or [type(hf_config).__name__]

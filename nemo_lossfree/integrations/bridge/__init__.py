@@ -122,9 +122,28 @@ def enable_lossfree(config: Any, section: Union[LossFreeConfig, Mapping[str, Any
     return make_callback(settings)
 
 
+def register_router_for_conversion() -> None:
+    """Tell Bridge's weight conversion that ``LossFreeRouter`` is replicated, as ``TopKRouter`` is.
+
+    Bridge's ``AutoMapping`` (Hugging Face <-> Megatron weights, e.g.
+    ``mlp.router.expert_bias`` <-> ``mlp.gate.e_score_correction_bias``) picks
+    how to gather or scatter a weight by its module's class name and knows
+    ``TopKRouter`` only: without this, exporting or loading a LossFreeRouter
+    model fails with "Cannot determine parallelism type for module
+    'LossFreeRouter'". Idempotent.
+    """
+    from megatron.bridge.models.conversion.param_mapping import AutoMapping
+
+    from nemo_lossfree.router import LossFreeRouter
+
+    AutoMapping.register_module_type(LossFreeRouter.__name__, "replicated")
+
+
 def make_callback(settings: LossFreeConfig):
     """The Bridge ``Callback`` that attaches the balancer and logs its metrics."""
     from megatron.bridge.training.callbacks import Callback
+
+    register_router_for_conversion()  # Bridge may load or save HF weights of this model
 
     class LossFreeCallback(Callback):
         """Creates the balancer on the built model; logs ``lossfree/...`` each step."""
