@@ -75,6 +75,15 @@ def test_a_module_spec_is_wrapped_as_is():
     assert submodules.router is LossFreeRouter
 
 
+def test_a_pipeline_stage_of_dense_layers_is_built_as_is():
+    """DeepSeek-V3's first pipeline stage holds only its 3 dense layers."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    config = moe_transformer_config(num_experts=4)
+    dense_stage = get_gpt_layer_local_spec(num_experts=None)
+    assert LossFreeLayerSpec(dense_stage)(config) is not None
+
+
 def _holder(**model_fields):
     fields = dict(num_moe_experts=8, moe_router_enable_expert_bias=False, moe_aux_loss_coeff=0.0,
                   moe_router_load_balancing_type="none", transformer_layer_spec=_local_spec)

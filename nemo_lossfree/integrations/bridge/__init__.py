@@ -71,7 +71,11 @@ class LossFreeLayerSpec:
                 spec = spec(config, vp_stage=vp_stage)
             else:
                 spec = spec(config)
-        return use_loss_free_router(spec)
+        # A pipeline stage may hold only dense layers (DeepSeek-V3's first
+        # stage: num_layers_in_first_pipeline_stage = first_k_dense_replace = 3);
+        # that the model has MoE layers at all is checked once, by
+        # check_model_settings (num_moe_experts).
+        return use_loss_free_router(spec, require_moe=False)
 
     def __repr__(self) -> str:
         return f"LossFreeLayerSpec({self.inner!r})"
