@@ -234,6 +234,14 @@ def test_config_merges_onto_its_real_recipe(path, one_rank, monkeypatch):
     bridge_config.runtime_config_update(config)  # pretrain()'s own: mixed precision, then validate()
     assert config.data_parallel_size * config.model.tensor_model_parallel_size \
         * config.model.pipeline_model_parallel_size * config.model.context_parallel_size == world
+    # This process is pipeline rank 0; DeepSeek-V3's first stage holds only
+    # its dense layers. Build that stage's spec (it must not fail), then the
+    # last stage's, which holds MoE layers.
+    config.model.transformer_layer_spec(config.model)
+    from megatron.core import parallel_state
+
+    last_stage = config.model.pipeline_model_parallel_size - 1
+    monkeypatch.setattr(parallel_state, "get_pipeline_model_parallel_rank", lambda *a, **k: last_stage)
     spec = config.model.transformer_layer_spec(config.model)
     modules = _spec_modules(spec)
     assert LossFreeRouter in modules
