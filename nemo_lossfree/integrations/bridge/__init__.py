@@ -28,8 +28,10 @@ What it does when ``enabled``:
   (step counter, drift integral, adaptive gain) resumes with the model from
   Bridge's checkpoint, and a checkpoint without it continues the rate
   schedule from the iteration;
-- refuses ``model.moe_router_enable_expert_bias`` (one bias, ours) and warns
-  when an auxiliary load-balancing loss is left on.
+- takes over ``model.moe_router_enable_expert_bias`` when the recipe set it
+  (DeepSeek-V3, GLM, Kimi, ...: Megatron's update off, the bias buffer and its
+  checkpoint key kept, one log line; see ``takeover.py``) and warns when an
+  auxiliary load-balancing loss is left on.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from typing import Any, Mapping, Optional, Union
 
 from nemo_lossfree import compat
 from nemo_lossfree.config import LossFreeConfig
+from nemo_lossfree.integrations.bridge.takeover import take_over_expert_bias
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +74,11 @@ class LossFreeLayerSpec:
                 spec = spec(config, vp_stage=vp_stage)
             else:
                 spec = spec(config)
-        return use_loss_free_router(spec)
+        # A pipeline stage may hold only dense layers (DeepSeek-V3's first
+        # stage: num_layers_in_first_pipeline_stage = first_k_dense_replace = 3);
+        # that the model has MoE layers at all is checked once, by
+        # check_model_settings (num_moe_experts).
+        return use_loss_free_router(spec, require_moe=False)
 
     def __repr__(self) -> str:
         return f"LossFreeLayerSpec({self.inner!r})"
@@ -84,9 +91,12 @@ def _is_module_spec(value: Any) -> bool:
 
 
 def check_model_settings(model: Any) -> None:
-    """Refuse settings that contradict loss-free balancing; warn about auxiliary losses."""
+    """Refuse settings that contradict loss-free balancing; warn about auxiliary losses.
+
+    Megatron's own expert bias is taken over before this runs
+    (``takeover.take_over_expert_bias``), not refused.
+    """
     compat.require_moe(model, compat.yaml_key)
-    compat.refuse_upstream_expert_bias(model, "lossfree.enabled", compat.yaml_key)
     compat.refuse_unsupported_balancing(model, compat.yaml_key)
     warning = compat.aux_loss_warning(model, compat.yaml_key)
     if warning is not None:
@@ -104,14 +114,34 @@ def enable_lossfree(config: Any, section: Union[LossFreeConfig, Mapping[str, Any
         return None
     model = config.model
     check_model_settings(model)
+    take_over_expert_bias(model, settings.update_rate)
     if not isinstance(model.transformer_layer_spec, LossFreeLayerSpec):
         model.transformer_layer_spec = LossFreeLayerSpec(model.transformer_layer_spec)
     return make_callback(settings)
 
 
+def register_router_for_conversion() -> None:
+    """Tell Bridge's weight conversion that ``LossFreeRouter`` is replicated, as ``TopKRouter`` is.
+
+    Bridge's ``AutoMapping`` (Hugging Face <-> Megatron weights, e.g.
+    ``mlp.router.expert_bias`` <-> ``mlp.gate.e_score_correction_bias``) picks
+    how to gather or scatter a weight by its module's class name and knows
+    ``TopKRouter`` only: without this, exporting or loading a LossFreeRouter
+    model fails with "Cannot determine parallelism type for module
+    'LossFreeRouter'". Idempotent.
+    """
+    from megatron.bridge.models.conversion.param_mapping import AutoMapping
+
+    from nemo_lossfree.router import LossFreeRouter
+
+    AutoMapping.register_module_type(LossFreeRouter.__name__, "replicated")
+
+
 def make_callback(settings: LossFreeConfig):
     """The Bridge ``Callback`` that attaches the balancer and logs its metrics."""
     from megatron.bridge.training.callbacks import Callback
+
+    register_router_for_conversion()  # Bridge may load or save HF weights of this model
 
     class LossFreeCallback(Callback):
         """Creates the balancer on the built model; logs ``lossfree/...`` on its logging steps."""
