@@ -316,7 +316,11 @@ def save_then_load(rank: int, ckpt_dir: str, upstream_first: bool) -> dict:
     template = {"model": target.sharded_state_dict()}
     if balancer is not None:
         template["lossfree"] = restored_balancer.state_dict()
-    loaded = dist_checkpointing.load(template, ckpt_dir)
+    # A checkpoint of Megatron-Core's own router has no balancer state (the
+    # router's _extra_state): load it non-strictly, as Megatron-LM's
+    # --dist-ckpt-strictness log_unexpected does; the router then restarts it.
+    strict = "log_unexpected" if upstream_first else "assume_ok_unexpected"
+    loaded = dist_checkpointing.load(template, ckpt_dir, strict=strict)
     target.load_state_dict(loaded["model"])
     if "lossfree" in loaded:
         restored_balancer.load_state_dict(loaded["lossfree"])
