@@ -89,3 +89,20 @@ def test_cuda_allocations_on_cpu_rewrites_devices():
         moved = torch.ones(2).cuda()
         converted = torch.ones(2).to("cuda")
     assert {t.device.type for t in (made, moved, converted)} == {"cpu"}
+
+
+def test_megatron_groups_share_the_default_groups_timeout(single_rank):
+    # A gloo connection that never completes while a group is created surfaces
+    # as gloo's "Connect timeout" after the group's timeout: the same
+    # init_distributed(timeout_s=...) as the default group, not Megatron's 30 min.
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    def timeout_s(group):
+        return group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+
+    default = timeout_s(dist.group.WORLD)
+    assert default == 300
+    for group in (parallel_state.get_data_parallel_group(), parallel_state.get_expert_model_parallel_group(),
+                  parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)):
+        assert timeout_s(group) == default

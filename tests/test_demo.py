@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -157,6 +158,23 @@ def test_bad_options_are_refused_by_name(tmp_path, capsys, monkeypatch, argv, me
     assert message in err
     assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--out", "--save"])
+def test_unwritable_out_or_save_is_one_line_naming_the_flag(tmp_path, capsys, monkeypatch, flag):
+    from nemo_lossfree.apps.cli import main
+    from nemo_lossfree.apps.demo import launcher
+
+    monkeypatch.setattr(launcher, "launch", lambda *a, **k: pytest.fail("a worker was started"))
+    (tmp_path / "a-file").write_text("")
+    bad_dirs = [tmp_path / "a-file" / "x"] + ([Path("/proc/x")] if Path("/proc/self").exists() else [])
+    for bad in bad_dirs:
+        argv = ["--out", str(bad)] if flag == "--out" else ["--out", str(tmp_path / "out"), "--save", str(bad)]
+        assert main(["demo", *argv]) == 2, bad
+        err = capsys.readouterr().err
+        assert err.splitlines() == [err.strip()] and err.startswith(
+            f"nemo-lossfree demo: {flag}: cannot create or write {bad}"), err
+        assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

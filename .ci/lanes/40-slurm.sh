@@ -1,27 +1,35 @@
 #!/usr/bin/env bash
 # CI lane: `nemo-lossfree slurm` against a real SLURM on this machine.
-# Brings up examples/slurm/local_cluster.sh (installs slurm-wlm and munge when
-# missing; needs root), runs examples/slurm/test_real_slurm.py (a job that
-# completes, a job that is preempted, requeued and resumed), and stops the
-# cluster afterwards, also when something failed. On one node it first runs
-# the README's SLURM block as written (examples/slurm/readme_block.py).
+# For each cluster size in NLF_SLURM_NODES (default "1 2"), brings up
+# examples/slurm/local_cluster.sh (installs slurm-wlm and munge when missing;
+# needs root), runs examples/slurm/test_real_slurm.py (a job that completes, a
+# job that is preempted, requeued and resumed) under a hard timeout, and stops
+# the cluster afterwards, also when something failed (printing the daemons'
+# logs and the jobs' logs first). Before the one-node cluster it runs the
+# README's SLURM block as written (examples/slurm/readme_block.py).
 #
-# Default: one slurmd on localhost, jobs with --ntasks-per-node 2.
-# NLF_SLURM_NODES=2 emulates two nodes with network namespaces, so the two
-# ranks rendezvous across "nodes" (see docs/slurm.md for what it achieved).
+# 1: one slurmd on localhost, jobs with --ntasks-per-node 2.
+# 2: two nodes emulated with network namespaces, one rank each, so the ranks
+#    rendezvous (srun and torchrun) and checkpoint across "nodes"
+#    (docs/slurm.md).
+# NLF_SLURM_PART_TIMEOUT: seconds for one cluster's tests (default 1200).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-nodes=${NLF_SLURM_NODES:-1}
-tasks=${NLF_SLURM_TASKS:-$((2 / nodes > 0 ? 2 / nodes : 1))}
-export NLF_SLURM_NODES=$nodes NLF_SLURM_TASKS=$tasks
+sizes=${NLF_SLURM_NODES:-1 2}
+part_timeout=${NLF_SLURM_PART_TIMEOUT:-1200}
+cluster=examples/slurm/local_cluster.sh
 
-# A cluster of its own: its own state directory and free ports, so a
+# Each cluster of its own: its own state directory and free ports, so a
 # developer's cluster on the same machine (or another CI run) is neither
 # reused nor stopped by this lane.
-export NLF_SLURM_STATE=${NLF_SLURM_STATE:-$(mktemp -d /tmp/nemo-lossfree-slurm-ci.XXXXXX)}
-chmod 755 "$NLF_SLURM_STATE"
-read -r NLF_SLURMCTLD_PORT NLF_SLURMD_PORT < <(.venv/bin/python - <<'PY'
+base=$(mktemp -d /tmp/nemo-lossfree-slurm-ci.XXXXXX)
+chmod 755 "$base"
+new_cluster() {
+  export NLF_SLURM_STATE=$base/$1
+  mkdir -p "$NLF_SLURM_STATE"
+  chmod 755 "$NLF_SLURM_STATE"
+  read -r NLF_SLURMCTLD_PORT NLF_SLURMD_PORT < <(.venv/bin/python - <<'PY'
 import socket
 socks = [socket.socket() for _ in range(2)]
 for s in socks:
@@ -29,31 +37,43 @@ for s in socks:
 print(*(s.getsockname()[1] for s in socks))
 PY
 )
-export NLF_SLURMCTLD_PORT NLF_SLURMD_PORT
-cluster=examples/slurm/local_cluster.sh
+  export NLF_SLURMCTLD_PORT NLF_SLURMD_PORT
+}
 stop_cluster() {
   status=$?
-  if [ "$status" != 0 ]; then
+  if [ "$status" != 0 ] && [ -n "${NLF_SLURM_STATE:-}" ]; then
     echo "--- SLURM daemon logs (tail) ---"
-    tail -n 30 "${NLF_SLURM_STATE:-/tmp/nemo-lossfree-slurm}"/log/*.log || true
+    tail -n 30 "$NLF_SLURM_STATE"/log/*.log || true
+    echo "--- job logs (tail) ---"
+    find "$NLF_SLURM_STATE/pytest" -path '*/logs/*.out' -exec tail -n 40 {} + 2>/dev/null || true
   fi
-  bash "$cluster" stop || true
-  rm -rf "$NLF_SLURM_STATE"
+  [ -z "${NLF_SLURM_STATE:-}" ] || bash "$cluster" stop || true
+  rm -rf "$base"
   exit "$status"
 }
 trap stop_cluster EXIT
 
 start=$SECONDS
-if [ "$nodes" = 1 ]; then
-  # The README's SLURM block, pasted as a user would (it starts and stops the
-  # cluster itself, on this lane's state directory and ports).
-  .venv/bin/python examples/slurm/readme_block.py --check
-  bash -euo pipefail -c "$(.venv/bin/python examples/slurm/readme_block.py)"
-  echo "README SLURM block done in $((SECONDS - start))s"
-fi
-bash "$cluster" start --nodes "$nodes"
-echo "cluster up in $((SECONDS - start))s"
-eval "$(bash "$cluster" env)"
-
-.venv/bin/python -m pytest -q -p no:cacheprovider examples/slurm/test_real_slurm.py
+for nodes in $sizes; do
+  [[ $nodes =~ ^[1-9][0-9]*$ ]] || { echo "NLF_SLURM_NODES: expected cluster sizes like '1 2', got '$sizes'" >&2; exit 2; }
+  export NLF_SLURM_NODES=$nodes NLF_SLURM_TASKS=$((2 / nodes > 0 ? 2 / nodes : 1))
+  part=$SECONDS
+  if [ "$nodes" = 1 ]; then
+    # The README's SLURM block, pasted as a user would (it starts and stops the
+    # cluster itself, on this lane's state directory and ports).
+    new_cluster readme
+    .venv/bin/python examples/slurm/readme_block.py --check
+    bash -euo pipefail -c "$(.venv/bin/python examples/slurm/readme_block.py)"
+    echo "README SLURM block done in $((SECONDS - part))s"
+  fi
+  new_cluster "nodes$nodes"
+  bash "$cluster" start --nodes "$nodes"
+  echo "$nodes-node cluster up in $((SECONDS - part))s"
+  eval "$(bash "$cluster" env)"
+  timeout -k 30 "$part_timeout" .venv/bin/python -m pytest -q -p no:cacheprovider \
+    --basetemp="$NLF_SLURM_STATE/pytest" examples/slurm/test_real_slurm.py
+  bash "$cluster" stop
+  unset NLF_SLURM_STATE
+  echo "$nodes-node SLURM tests done in $((SECONDS - part))s"
+done
 echo "slurm lane done in $((SECONDS - start))s"

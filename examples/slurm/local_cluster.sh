@@ -28,6 +28,9 @@ SLURMD_PORT=${NLF_SLURMD_PORT:-6918}
 NET=10.213.0
 BRIDGE=nlfbr0
 NS_PREFIX=nlf-node
+# The bridge, namespaces and addresses above are one set per machine: this
+# file names the state dir of the cluster that owns them.
+NODES_OWNER=/run/nemo-lossfree-slurm-nodes.owner
 
 die() { echo "local_cluster: $*" >&2; exit 1; }
 log() { echo "local_cluster: $*"; }
@@ -111,6 +114,12 @@ write_config() {
     echo "MinJobAge=600"
     echo "SlurmctldTimeout=30"
     echo "SlurmdTimeout=60"
+    # How long a daemon or client waits for a reply (default 10 s). On a busy
+    # machine a slurmd can take longer; slurmctld then counts the request as
+    # failed and resends it 60 s later. A resent "cancel step <job>.0" from
+    # before a requeue then kills the requeued run's step, which has the same
+    # job and step id (seen here: the preempted job failed after its restart).
+    echo "MessageTimeout=60"
     echo "KillWait=10"
     local names
     names=$(node_names "$nodes")
@@ -145,8 +154,23 @@ start_munge() {
     --seed-file="$STATE/munge/munge.seed"
 }
 
+# The emulated nodes belong to one cluster at a time. A second cluster (its
+# own state dir and ports) would start its controller and then fail half-way
+# (the nodes' hosts file is the first one's), and its jobs would share node1's
+# rendezvous port with the first one's; the first one's `stop` deletes the
+# network under it. Refuse before starting anything, naming the owner.
+check_nodes_free() {
+  local owner=""
+  [ -f "$NODES_OWNER" ] && owner=$(cat "$NODES_OWNER")
+  [ "$owner" = "$STATE" ] && return 0
+  if [ -n "$owner" ] || [ -e "/run/netns/${NS_PREFIX}1" ] || ip link show "$BRIDGE" >/dev/null 2>&1; then
+    die "the emulated nodes (namespaces ${NS_PREFIX}*, bridge $BRIDGE) belong to the cluster in ${owner:-an unknown state dir}; stop it first: NLF_SLURM_STATE=${owner:-<its state dir>} bash $0 stop"
+  fi
+}
+
 netns_up() {
   local nodes=$1
+  echo "$STATE" >"$NODES_OWNER"
   # The bridge holds slurmctld's address; one veth pair per node.
   ip link add "$BRIDGE" type bridge
   ip addr add "$NET.1/24" dev "$BRIDGE"
@@ -224,6 +248,7 @@ cmd_start() {
   if [ -f "$STATE/nodes" ] && pid_alive "$STATE/run/slurmctld.pid"; then
     [ "$(cat "$STATE/nodes")" = "$nodes" ] || die "a $(cat "$STATE/nodes")-node cluster is running; stop it first"
   fi
+  [ "$nodes" = 1 ] || check_nodes_free
   install_packages "$nodes"
   mkdir -p "$STATE"
   if [ "$nodes" = 1 ]; then
@@ -279,6 +304,7 @@ cmd_stop() {
     while read -r link; do ip link del "$link" 2>/dev/null || true; done <"$STATE/created-links"
     rm -f "$STATE/created-links"
   fi
+  if [ -f "$NODES_OWNER" ] && [ "$(cat "$NODES_OWNER")" = "$STATE" ]; then rm -f "$NODES_OWNER"; fi
   # Job state goes too: the next start is a fresh cluster.
   rm -rf "$STATE/ctld" "$STATE/spool" "$STATE/nodes"
   log "stopped"

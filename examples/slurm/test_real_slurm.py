@@ -56,6 +56,11 @@ OVERRIDES = os.environ.get(
 ).split()
 PROGRESS = re.compile(r"@@lossfree-progress (\{.*\})$")
 JOB_TIMEOUT_S = 600
+# The preemption test waits up to JOB_TIMEOUT_S for the job to get going and
+# as long again for it to requeue and finish; pytest's default 600 s cut
+# such a run off on a loaded machine while the resumed job was finishing
+# (the lane's hard timeout still bounds the whole file).
+pytestmark = pytest.mark.timeout(2 * JOB_TIMEOUT_S + 120)
 
 
 def _job_args(out_dir: Path, name: str, launcher: str) -> list[str]:

@@ -309,8 +309,15 @@ def init_distributed(
     seed: int = 1234,
     timeout_s: Optional[float] = 300.0,
 ) -> None:
-    """gloo process group + Megatron model-parallel groups + seeded RNG tracker."""
+    """gloo process group + Megatron model-parallel groups + seeded RNG tracker.
+
+    ``timeout_s`` bounds every group's collectives and connections, Megatron's
+    groups included (their own default is 30 min): a rank whose gloo
+    connection never completes fails with gloo's "Connect timeout" instead of
+    hanging the job.
+    """
     import datetime
+    import math
 
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -331,6 +338,7 @@ def init_distributed(
         context_parallel_size=context_parallel_size,
         expert_model_parallel_size=expert_model_parallel_size,
         create_gloo_process_groups=True,  # Megatron's optimizer asks for its gloo DP groups
+        **({"distributed_timeout_minutes": math.ceil(timeout_s / 60)} if timeout_s else {}),
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)

@@ -61,6 +61,7 @@ def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from nemo_lossfree.apps.commands import check_output_dir
     from nemo_lossfree.apps.demo.arms import parse_arms
     from nemo_lossfree.apps.demo.launcher import WORLD_SIZE, launch
     from nemo_lossfree.apps.demo.pareto import describe
@@ -84,6 +85,12 @@ def run(args: argparse.Namespace) -> int:
             check_run(seed_settings, arms, out=seed_out, save=save, save_interval=args.save_interval,
                       load=load, threads=args.threads)
             runs.append((seed, seed_settings, Path(seed_out), save, load))
+        # Probed without creating anything, so a refused run leaves no trace;
+        # otherwise an unwritable path is a traceback, or for --save a failure
+        # of both workers after the first interval.
+        for flag, path in (("--out", args.out), ("--save", args.save)):
+            if path is not None:
+                check_output_dir(path, flag, create=False)
     except ValueError as exc:
         print(f"nemo-lossfree demo: {exc}", file=sys.stderr)
         return EXIT_USAGE
