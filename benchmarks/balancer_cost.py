@@ -19,7 +19,9 @@ same random counts (untimed), then one of these runs (timed, interleaved):
   the critical path is start + finish, the overlapped work excluded.
 
 Collectives per step are counted by wrapping ``torch.distributed.all_reduce``
-(and the other collectives) for one step of each variant. With ``--mixed``
+(and the other collectives) for one step of each variant, host
+synchronisations with ``nemo_lossfree.testing.host_syncs.HostSyncCounter`` on
+the next step of each (``lossfree_nolog``'s records no metrics). With ``--mixed``
 a few 64-expert routers join the 256-expert ones (models may mix expert
 counts); Megatron-Core's update stacks all counts into one tensor and cannot
 run on such a model, which the benchmark records instead of timing.
@@ -42,6 +44,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from nemo_lossfree.testing.distributed import free_port  # noqa: E402
+from nemo_lossfree.testing.host_syncs import HostSyncCounter  # noqa: E402
 
 import timing  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 
@@ -143,9 +146,9 @@ class OverlappedLossFreeBalancer:
         self._pending = None
         original = balancer.reduce_counts
 
-        def reduce_counts(routers):
+        def reduce_counts(plan):
             if self._pending is None:
-                return original(routers)
+                return original(plan)
             flat, work = self._pending
             self._pending = None
             if work is not None:
@@ -157,8 +160,7 @@ class OverlappedLossFreeBalancer:
     def start(self) -> None:
         import torch.distributed as dist
 
-        routers = self.balancer._active()
-        flat = torch.cat([r.local_tokens_per_expert.reshape(-1) for r in routers]).double()
+        flat = torch.cat(self.balancer._plan().parts).double()
         work = None
         group = self.balancer.process_group
         if dist.is_initialized() and (group is None or dist.get_world_size(group) > 1):
@@ -252,6 +254,14 @@ def measure(rank: int, world_size: int, options: dict[str, Any]) -> Optional[dic
         with CollectiveCounter() as counter:
             run()
         collectives[name] = dict(counter.calls, total=counter.total)
+    # Host synchronisations per step (what would make a GPU's host wait),
+    # counted on a second step of each variant: lossfree_nolog records no metrics then.
+    host_syncs = {}
+    for name, run in runs.items():
+        fill_counts()
+        with HostSyncCounter() as counter:
+            run()
+        host_syncs[name] = counter.summary()
     fill_counts()
     with CollectiveCounter() as counter:
         overlapped.start()
@@ -302,6 +312,7 @@ def measure(rank: int, world_size: int, options: dict[str, Any]) -> Optional[dic
         "median_ms": {n: 1e3 * timing.median(s) for n, s in seconds.items()},
         "min_ms": {n: 1e3 * min(s) for n, s in seconds.items()},
         "collectives_per_step": collectives,
+        "host_syncs_per_step": host_syncs,
         "upstream_error": upstream_error,
         "replicas_identical": replicas_identical,
     }
@@ -428,7 +439,7 @@ def run_world(world_size: int, options: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    header = ["ranks", "routers (experts)", "variant", "ms / step", "collectives / step",
+    header = ["ranks", "routers (experts)", "variant", "ms / step", "collectives / step", "host syncs / step",
               f"of a {ASSUMED_STEP_S[0]:.0f} s step", f"of a {ASSUMED_STEP_S[1]:.0f} s step",
               "ratio vs upstream"]
     body = []
@@ -440,10 +451,12 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             label = name + (f" ({row['overlap_ms']:.0f} ms overlapped)" if name == "overlapped" else "")
             body.append([row["world_size"], routers, label, ms,
                          row["collectives_per_step"][name]["total"],
+                         sum(row["host_syncs_per_step"].get(name, {}).values()) if name in row["host_syncs_per_step"]
+                         else "-",
                          f"{ms / 1e3 / ASSUMED_STEP_S[0]:.1e}", f"{ms / 1e3 / ASSUMED_STEP_S[1]:.1e}",
                          "-" if ratio is None else f"{ratio:.2f}"])
         if row["upstream_error"]:
-            body.append([row["world_size"], routers, "upstream", "fails", "-", "-", "-",
+            body.append([row["world_size"], routers, "upstream", "fails", "-", "-", "-", "-",
                          row["upstream_error"][:60]])
     return timing.markdown_table(header, body)
 

@@ -60,6 +60,7 @@ def _worker_main(argv: list[str]) -> int:
 
     from nemo_lossfree.apps.demo import trainer as trainer_module
     from nemo_lossfree.apps.demo import worker
+    from nemo_lossfree.scores import router_scores
 
     evaluate = trainer_module.ArmTrainer.evaluate
 
@@ -74,7 +75,7 @@ def _worker_main(argv: list[str]) -> int:
             def hook(router, args, output):
                 hidden = args[0].reshape(-1, args[0].shape[-1])
                 logits = router.gating(hidden).float()
-                scores = torch.sigmoid(logits) if score_function == "sigmoid" else logits.softmax(-1)
+                scores = router_scores(logits, score_function)
                 store[index].append(scores.numpy())
             return hook
 

@@ -5,22 +5,34 @@ data-, context- and tensor-parallel ranks around them: Megatron's TP x CP x DP
 group, which contains EP) sums its routers' counts with the others, so all
 replicas compute the same update from the same global counts and stay
 bit-identical. Pipeline stages own different layers: no reduction across PP.
+
+The balancer holds no state of its own that a resume needs: the biases, the
+step counter and the update's state (drift integral, adaptive gain) are the
+routers' buffers (``router.BALANCER_STATE_BUFFERS``), saved as each router's
+``_extra_state``, so whatever checkpoints the model saves and restores them.
+
+Host synchronisation: none on a step that records no metrics (the rate
+schedule is host arithmetic on the host's step counter; every per-layer
+decision, non-finite counts included, is a ``torch.where`` on the device).
+A logging step (every ``config.log_every``) reads its metrics back in one
+transfer of the per-layer values plus the bias statistics.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections import OrderedDict
-from typing import Any, Iterable, Optional, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 
 from nemo_lossfree import metrics as lf_metrics
+from nemo_lossfree.compat import refuse_upstream_expert_bias
 from nemo_lossfree.config import LossFreeConfig
-from nemo_lossfree.router import LossFreeRouter, refuse_upstream_expert_bias
-from nemo_lossfree.update import apply_update, scheduled_rate, update_state
+from nemo_lossfree.router import STATE_BUFFERS, STEPS_BUFFER, LossFreeRouter
+from nemo_lossfree.update import apply_update, scheduled_rate, update_state_keys
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +56,32 @@ def layer_id(router: LossFreeRouter, index: int) -> int:
     if router.is_mtp_layer:
         return router.layer_number + router.config.num_layers
     return router.layer_number
+
+
+@dataclass
+class _Group:
+    """Active routers with the same expert count: one ``[L, E]`` update."""
+
+    experts: int
+    counts: slice  # of the reduced flat tensor
+    histograms: Optional[slice]
+    biases: list[torch.Tensor]
+    state: dict[str, list[torch.Tensor]]  # update-state key -> the routers' buffers
+    layer_ids: list[int]
+
+
+@dataclass
+class _Plan:
+    """The tensors one step touches, looked up once (buffers, not module attributes).
+
+    ``nn.Module.__getattr__`` costs about a microsecond per buffer and a step
+    touches several per router; on 59 routers that alone was a third of the step.
+    """
+
+    routers: list[LossFreeRouter]
+    parts: list[torch.Tensor]  # counts, then flattened histograms, in group order
+    to_zero: list[torch.Tensor]
+    groups: list[_Group] = field(default_factory=list)
 
 
 class LossFreeBalancer:
@@ -79,18 +117,24 @@ class LossFreeBalancer:
         for transformer_config in {id(r.config): r.config for r in self.routers}.values():
             refuse_upstream_expert_bias(transformer_config, "LossFreeBalancer")
         self.process_group = process_group if process_group is not None else self._router_group()
-        self.steps_done = 0
         self.last_metrics: dict[str, float] = {}
-        # What the update carries between steps, per router (update.update_state:
-        # the drift integral, the adaptive gain). Balancer state, saved by
-        # state_dict(), not model buffers: checkpoints without it still load.
-        self.update_states = [update_state(self.config, 1, r.expert_bias.numel()) for r in self.routers]
-        self._router_index = {id(r): j for j, r in enumerate(self.routers)}
-        self._rates: list[torch.Tensor] = []
         self.uses_margins = self.config.update_rule == "quantile"
+        # The update-state keys this config reads and writes (router buffers).
+        self._state_keys = update_state_keys(self.config)
         for router in self.routers:
             router.balancer_attached = True
             router.record_margins = self.uses_margins
+        self._rates: list[torch.Tensor] = []
+        # Steps whose reduced counts held a non-finite value since the last
+        # logging step: a device tensor, read on logging steps only.
+        self._non_finite: Optional[torch.Tensor] = None
+        self._reduce_needed: Optional[bool] = None
+        self._plans: dict[tuple[bool, ...], _Plan] = {}
+        self._buffers_version = -1
+        self._steps = 0
+        self._step_buffers: list[torch.Tensor] = []
+        self._state_restarted_pending = False
+        self._refresh()
 
     def _router_group(self) -> Optional[dist.ProcessGroup]:
         groups = {id(r.tp_dp_cp_group): r.tp_dp_cp_group for r in self.routers}
@@ -101,16 +145,125 @@ class LossFreeBalancer:
             )
         return next(iter(groups.values()))
 
+    # ------------------------------------------------------------ the state
+    def _refresh(self) -> None:
+        """After routers' buffers were replaced (load, device move): look them up and read the step.
+
+        The step counter is every router's ``lossfree_steps``; they agree unless
+        routers were added (a new MTP layer): the largest wins. One host read,
+        only when ``LossFreeRouter.buffers_version`` changed.
+        """
+        if self._buffers_version == LossFreeRouter.buffers_version:
+            return
+        self._buffers_version = LossFreeRouter.buffers_version
+        self._plans.clear()
+        self._step_buffers = [r._buffers[STEPS_BUFFER] for r in self.routers]
+        steps = torch.cat(self._step_buffers).tolist()
+        self._steps = max(steps)
+        if min(steps) != self._steps:
+            self._write_steps(self._steps)
+        if any(r.balancer_state_loaded is False for r in self.routers):
+            self._state_restarted_pending = True  # said once, by whoever settles it first
+
+    def _write_steps(self, steps: int) -> None:
+        for buffer in self._step_buffers:
+            buffer.fill_(steps)
+
+    @property
+    def steps_done(self) -> int:
+        """Balancer steps so far (the rate schedule's position); the routers' ``lossfree_steps``."""
+        self._refresh()
+        return self._steps
+
+    @steps_done.setter
+    def steps_done(self, value: int) -> None:
+        self._refresh()
+        self._steps = int(value)
+        self._write_steps(self._steps)
+
+    def continue_from_iteration(self, iteration: int) -> None:
+        """For frameworks that resume at a training iteration: fall back to it when the state is missing.
+
+        A checkpoint that held the balancer state resumed it already (the
+        routers' buffers); this does nothing then. One without it (saved by
+        Megatron-Core's own expert bias, or before the state was in the
+        model) continues the rate schedule from ``iteration`` (one balancer
+        step per iteration), and a warning names what restarts from zero.
+        """
+        self._refresh()
+        if iteration > 0 and not all(r.balancer_state_loaded for r in self.routers):
+            self.steps_done = int(iteration)
+            self._warn_state_restarted("the training iteration")
+
+    def _settle_missing_state(self) -> None:
+        """The routers' missing state was dealt with (restored, or its restart said): forget it."""
+        self._state_restarted_pending = False
+        for router in self.routers:
+            if router.balancer_state_loaded is False:
+                router.balancer_state_loaded = None
+
+    def _warn_state_restarted(self, source: str = "the routers' own counter") -> None:
+        self._settle_missing_state()
+        restarted = {"integral": "the drift integral", "gain": "the adaptive gain"}
+        what = [restarted[k] for k in self._state_keys if k in restarted]
+        logger.warning(
+            "LossFreeBalancer: the checkpoint holds no balancer state (saved by Megatron-Core's own "
+            "expert bias or before the state was part of the model); the rate schedule continues "
+            "from step %d (%s)%s",
+            self._steps, source, "".join(f"; {w} restarts from zero" for w in what),
+        )
+
+    @property
+    def integrals(self) -> list[torch.Tensor]:
+        """Each router's drift integral ``[E]`` (zeros while ``integral_gain`` is 0)."""
+        name = STATE_BUFFERS["integral"]
+        return [r._buffers[name] for r in self.routers]
+
     # ------------------------------------------------------------------ step
     def current_rate(self) -> float:
-        return scheduled_rate(self.config, self.steps_done)
+        return scheduled_rate(self.config, self._steps)
 
-    def _active(self) -> list[LossFreeRouter]:
-        # Same rule as Megatron-Core: a router in eval mode (a distillation
-        # teacher) or marked frozen keeps its bias.
-        return [r for r in self.routers if r.training and not r.frozen_expert_bias]
+    def _plan(self) -> Optional[_Plan]:
+        """The active routers' tensors, grouped by expert count (cached per set of active routers).
 
-    def reduce_counts(self, routers: Sequence[LossFreeRouter]) -> torch.Tensor:
+        Same rule as Megatron-Core: a router in eval mode (a distillation
+        teacher) or marked frozen keeps its bias.
+        """
+        active = tuple(r.training and not r.frozen_expert_bias for r in self.routers)
+        plan = self._plans.get(active)
+        if plan is None:
+            routers = [r for r, on in zip(self.routers, active) if on]
+            plan = self._plans[active] = self._build_plan(routers)
+        return plan if plan.routers else None
+
+    def _build_plan(self, routers: list[LossFreeRouter]) -> _Plan:
+        by_experts: dict[int, list[int]] = {}
+        for index, router in enumerate(routers):
+            by_experts.setdefault(router._buffers["expert_bias"].numel(), []).append(index)
+        ordered = [i for indices in by_experts.values() for i in indices]
+        counts = [routers[i]._buffers["local_tokens_per_expert"] for i in ordered]
+        histograms = ([routers[i]._buffers["local_margin_histogram"] for i in ordered]
+                      if self.uses_margins else [])
+        plan = _Plan(routers=routers, parts=counts + [h.view(-1) for h in histograms],
+                     to_zero=counts + histograms)
+        count_at, hist_at = 0, sum(c.numel() for c in counts)
+        for experts, indices in by_experts.items():
+            members = [routers[i] for i in indices]
+            layers = len(members)
+            hist_size = sum(r._buffers["local_margin_histogram"].numel() for r in members)
+            plan.groups.append(_Group(
+                experts=experts,
+                counts=slice(count_at, count_at + layers * experts),
+                histograms=slice(hist_at, hist_at + hist_size) if self.uses_margins else None,
+                biases=[r._buffers["expert_bias"] for r in members],
+                state={key: [r._buffers[STATE_BUFFERS[key]] for r in members] for key in self._state_keys},
+                layer_ids=[layer_id(r, self.routers.index(r)) for r in members],
+            ))
+            count_at += layers * experts
+            hist_at += hist_size
+        return plan
+
+    def reduce_counts(self, plan: _Plan) -> torch.Tensor:
         """Sum the routers' counts over the replica group: one collective, float64.
 
         float64 keeps counts exact past 2**24 tokens per expert (a large
@@ -118,13 +271,12 @@ class LossFreeBalancer:
         the quantile rule the margin histograms travel in the same collective,
         after all counts.
         """
-        parts = [r.local_tokens_per_expert for r in routers]
-        if self.uses_margins:
-            parts += [r.local_margin_histogram.reshape(-1) for r in routers]
-        flat = torch.cat(parts).double()
-        if dist.is_available() and dist.is_initialized():
-            if self.process_group is None or dist.get_world_size(self.process_group) > 1:
-                dist.all_reduce(flat, group=self.process_group)
+        flat = torch.cat(plan.parts).double()
+        if self._reduce_needed is None:
+            self._reduce_needed = dist.is_available() and dist.is_initialized() and (
+                self.process_group is None or dist.get_world_size(self.process_group) > 1)
+        if self._reduce_needed:
+            dist.all_reduce(flat, group=self.process_group)
         return flat
 
     @torch.no_grad()
@@ -132,112 +284,114 @@ class LossFreeBalancer:
         """Apply one update from this global batch's counts; return metrics.
 
         Metrics (``lossfree/...``) are returned every ``config.log_every`` steps
-        and are identical on all ranks of the replica group.
+        and are identical on all ranks of the replica group; other steps
+        return ``{}`` and read nothing back from the device.
 
-        Non-finite counts (or margin histograms) after the reduction drop the
-        batch on every rank together: no bias or integral moves, the routers'
-        counts and histograms are zeroed, ``steps_done`` does not advance (the
-        schedule resumes where it was), one warning is logged and
-        ``FloatingPointError`` is raised so the caller sees it. The next batch
-        with finite counts updates normally: a caller that catches the error
-        and carries on needs nothing else.
+        Non-finite counts (or margin histograms) after the reduction never
+        touch a bias: the layers that hold them keep their bias and update
+        state (``update.usable_layers``, on the device, the same on every
+        rank), the other layers update, the counts are zeroed as every step,
+        and the step counts as a step of the schedule. Seeing them needs a
+        host read, so they are reported on the next logging step (this one
+        when it logs, always with the default ``log_every`` 1): one warning
+        with the number of such steps, the metrics in ``last_metrics``, then
+        ``FloatingPointError``. A caller that catches it and carries on needs
+        nothing else.
         """
-        routers = self._active()
-        if not routers:
+        self._refresh()
+        plan = self._plan()
+        if plan is None:
             return {}
-        flat = self.reduce_counts(routers)
-        if not torch.isfinite(flat).all():
-            # Left in place, the NaNs would poison every later step too.
-            self._clear(routers)
+        if self._state_restarted_pending:
+            self._warn_state_restarted()
+        rate = self.current_rate()
+        flat = self.reduce_counts(plan)
+        bad = torch.isfinite(flat).logical_not().any()
+        if self._non_finite is None or self._non_finite.device != flat.device:
+            self._non_finite = torch.zeros((), dtype=torch.int64, device=flat.device)
+        self._non_finite += bad
+        if rate > 0:
+            for group in plan.groups:
+                self._update_group(group, flat)
+        self._clear(plan)
+        torch._foreach_add_(self._step_buffers, 1)
+        log_now = self._steps % self.config.log_every == 0
+        self._steps += 1
+        if not log_now:
+            self._rates = []
+            return {}
+        return self._log(plan, flat, rate)
+
+    def _update_group(self, group: _Group, flat: torch.Tensor) -> None:
+        """One ``[L, E]`` update of a group's biases and update state, written back in place."""
+        layers = len(group.biases)
+        counts_LE = flat[group.counts].view(layers, group.experts)
+        hist_LE2B = None
+        if group.histograms is not None:
+            hist_LE2B = flat[group.histograms].view(layers, group.experts, 2, -1)
+        bias_LE = torch.stack(group.biases)
+        state = {key: torch.stack(buffers) for key, buffers in group.state.items()}
+        updated_LE, state, rate_L1 = apply_update(self.config, self._steps, counts_LE, bias_LE, state, hist_LE2B)
+        torch._foreach_copy_(group.biases, list(updated_LE.unbind(0)))
+        for key, buffers in group.state.items():
+            torch._foreach_copy_(buffers, list(state[key].unbind(0)))
+        self._rates.append(rate_L1.reshape(-1))  # read on logging steps only
+
+    def _clear(self, plan: _Plan) -> None:
+        """Start the routers' next global batch: zero counts and histograms."""
+        torch._foreach_zero_(plan.to_zero)
+        for router in plan.routers:
+            # A plain int attribute: nn.Module.__setattr__ would only add ~2 us per router.
+            object.__setattr__(router, "forwards_since_update", 0)
+
+    def _log(self, plan: _Plan, flat: torch.Tensor, rate: float) -> dict[str, float]:
+        """The logging step: metrics from this step's reduced counts, read back at once."""
+        counts = [flat[g.counts].view(len(g.biases), g.experts) for g in plan.groups]
+        per_layer = [lf_metrics.max_violation(c).double() for c in counts]
+        per_layer += [lf_metrics.dead_expert_fraction(c).double() for c in counts]
+        rates = torch.cat(self._rates).mean().reshape(1) if self._rates else flat.new_full((1,), rate)
+        self._rates = []
+        host = torch.cat(per_layer + [rates, self._non_finite.double().reshape(1)]).tolist()
+        self._non_finite.zero_()
+        layers = sum(len(g.biases) for g in plan.groups)
+        maxvio, dead, (update_rate, non_finite) = host[:layers], host[layers:2 * layers], host[2 * layers:]
+        result = {f"lossfree/maxvio_batch_layer_{lid}": v
+                  for lid, v in zip((i for g in plan.groups for i in g.layer_ids), maxvio)}
+        biases = [b for g in plan.groups for b in g.biases]
+        result.update(lf_metrics.summarize(maxvio, biases, dead))
+        result["lossfree/update_rate"] = update_rate
+        self.last_metrics = result
+        if non_finite:
             logger.warning(
-                "LossFreeBalancer: non-finite expert counts at step %d; the batch's counts were "
-                "dropped and no expert bias moved", self.steps_done,
+                "LossFreeBalancer: %d step(s) up to step %d reduced non-finite expert counts; the layers "
+                "holding them kept their bias", int(non_finite), self._steps - 1,
             )
             raise FloatingPointError(
-                "LossFreeBalancer.step: non-finite expert counts after the all-reduce; "
-                "refusing to update the expert bias"
+                f"LossFreeBalancer.step: non-finite expert counts after the all-reduce in {int(non_finite)} "
+                "step(s) since the last logging step; the layers holding them kept their expert bias"
             )
-        rate = self.current_rate()
-        # Split back per router, then group layers with the same expert count
-        # so each group is one [L, E] update (models may mix expert counts).
-        sizes = [r.local_tokens_per_expert.numel() for r in routers]
-        hist_sizes = [r.local_margin_histogram.numel() for r in routers] if self.uses_margins else []
-        pieces = list(torch.split(flat, sizes + hist_sizes))
-        per_router = pieces[: len(sizes)]
-        per_router_hist = [
-            h.view(routers[i].local_margin_histogram.shape) for i, h in enumerate(pieces[len(sizes):])
-        ]
-        by_experts: OrderedDict[int, list[int]] = OrderedDict()
-        for index, size in enumerate(sizes):
-            by_experts.setdefault(size, []).append(index)
-        log_now = self.steps_done % self.config.log_every == 0
-        maxvio: list[float] = []
-        dead: list[float] = []
-        result: dict[str, float] = {}
-        for indices in by_experts.values():
-            counts_LE = torch.stack([per_router[i] for i in indices])
-            hist_LE2B = torch.stack([per_router_hist[i] for i in indices]) if self.uses_margins else None
-            if rate > 0:
-                self._update_biases([routers[i] for i in indices], counts_LE, hist_LE2B)
-            if log_now:
-                vio_L = lf_metrics.max_violation(counts_LE).tolist()
-                maxvio.extend(vio_L)
-                dead.extend(lf_metrics.dead_expert_fraction(counts_LE).tolist())
-                for i, value in zip(indices, vio_L):
-                    result[f"lossfree/maxvio_batch_layer_{layer_id(routers[i], i)}"] = value
-        self._clear(routers)
-        if log_now:
-            result.update(
-                lf_metrics.summarize(maxvio, [r.expert_bias for r in routers], dead)
-            )
-            result["lossfree/update_rate"] = torch.cat(self._rates).mean().item() if self._rates else rate
-            self.last_metrics = result
-        self._rates = []
-        self.steps_done += 1
         return result
 
-    def _clear(self, routers: Sequence[LossFreeRouter]) -> None:
-        """Start the routers' next global batch: zero counts and histograms."""
-        torch._foreach_zero_([r.local_tokens_per_expert for r in routers])
-        if self.uses_margins:
-            torch._foreach_zero_([r.local_margin_histogram for r in routers])
-        for router in routers:
-            router.forwards_since_update = 0
-
-    def _update_biases(self, routers: Sequence[LossFreeRouter], counts_LE: torch.Tensor,
-                       hist_LE2B: Optional[torch.Tensor] = None) -> None:
-        """One update of these routers' biases (same expert count) from their counts."""
-        bias_LE = torch.stack([r.expert_bias for r in routers])
-        slots = [self._router_index[id(r)] for r in routers]
-        # The model may have moved since (Megatron-LM builds it on the CPU, then .cuda()).
-        state = {key: torch.cat([self.update_states[j][key].to(bias_LE.device) for j in slots])
-                 for key in self.update_states[slots[0]]}
-        updated_LE, state, rate_L1 = apply_update(self.config, self.steps_done, counts_LE, bias_LE, state,
-                                                  hist_LE2B)
-        for n, j in enumerate(slots):
-            self.update_states[j] = {key: value[n : n + 1] for key, value in state.items()}
-        self._rates.append(rate_L1.reshape(-1))  # read on logging steps only (no host sync)
-        torch._foreach_copy_([r.expert_bias for r in routers], list(updated_LE.unbind(0)))
-
-    @property
-    def integrals(self) -> list[torch.Tensor]:
-        """Each router's drift integral ``[E]`` (zeros while ``integral_gain`` is 0)."""
-        return [s["integral"][0] if "integral" in s else torch.zeros_like(r.expert_bias)
-                for s, r in zip(self.update_states, self.routers)]
-
     # ---------------------------------------------------------- integration
-    def attach(self, transformer_config: Any) -> LossFreeBalancer:
+    def attach(self, transformer_config: Any,
+               on_metrics: Optional[Callable[[dict[str, float]], None]] = None,
+               resume_iteration: Optional[Callable[[], int]] = None) -> LossFreeBalancer:
         """Run ``step()`` inside ``transformer_config.finalize_model_grads_func``.
 
         Megatron-Core's schedules, Megatron-LM's ``train()`` and
         Megatron-Bridge call that function once per global batch after the
         last backward, whatever the optimizer. If none is set yet, Megatron's
         own ``finalize_model_grads`` is wrapped (Megatron-LM keeps a function
-        that is already set).
+        that is already set). ``on_metrics`` gets the metrics of every
+        logging step (a framework's writer). ``resume_iteration`` returns the
+        framework's training iteration; it is read only on the first step
+        after a load that lacked the balancer state (see
+        ``continue_from_iteration``), since a framework may load its
+        checkpoint after the balancer is attached. Attaching replaces the
+        wrapper of any earlier ``LossFreeBalancer`` instead of stacking a
+        second update.
         """
-        inner = getattr(transformer_config, "finalize_model_grads_func", None)
-        if getattr(inner, "_lossfree_balancer", None) is self:
-            return self
+        inner = detach(transformer_config)
         if inner is None:
             from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
@@ -246,7 +400,13 @@ class LossFreeBalancer:
         @functools.wraps(inner)
         def finalize_model_grads_with_lossfree(*args, **kwargs):
             out = inner(*args, **kwargs)
-            self.step()
+            if resume_iteration is not None:
+                self._refresh()  # notes a load that lacked the state
+                if self._state_restarted_pending:
+                    self.continue_from_iteration(int(resume_iteration() or 0))
+            metrics = self.step()
+            if metrics and on_metrics is not None:
+                on_metrics(metrics)
             return out
 
         finalize_model_grads_with_lossfree._lossfree_balancer = self  # type: ignore[attr-defined]
@@ -255,46 +415,54 @@ class LossFreeBalancer:
 
     # ----------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
-        """What a resume needs beyond the model's ``expert_bias`` buffers."""
+        """A copy of the balancer state the routers hold, for side files (the model's state dict has it).
+
+        Keys: ``steps_done``, ``config``, and ``integrals`` (``integral_gain >
+        0``) or ``adaptive`` (``schedule: adaptive``), as before the state
+        moved into the model, so checkpoints that stored this still load.
+        """
         state: dict[str, Any] = {"steps_done": self.steps_done, "config": self.config.to_dict()}
-        if self.config.integral_gain > 0:
+        if "integral" in self._state_keys:
             state["integrals"] = [t.detach().cpu().clone() for t in self.integrals]
-        if self.config.schedule == "adaptive":
-            state["adaptive"] = [{k: s[k].detach().cpu().clone() for k in ("gain", "previous", "seen")}
-                                 for s in self.update_states]
+        if "gain" in self._state_keys:
+            state["adaptive"] = [{k: r._buffers[STATE_BUFFERS[k]].detach().cpu().clone().reshape(1, -1)
+                                  for k in ("gain", "previous", "seen")} for r in self.routers]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Write a ``state_dict()`` (a side file's, or an older checkpoint's) into the routers."""
         if "steps_done" not in state:
             raise ValueError(
                 "state['steps_done']: missing; expected a LossFreeBalancer.state_dict() "
                 f"(keys steps_done, config, integrals), got keys {sorted(state)}"
             )
         self.steps_done = int(state["steps_done"])
+        self._settle_missing_state()
         adaptive = state.get("adaptive")
-        if adaptive is not None and self.config.schedule == "adaptive":
+        if adaptive is not None and "gain" in self._state_keys:
             if any(set(a) != {"gain", "previous", "seen"} for a in adaptive):
                 # Saved by the earlier moment-estimate gain: its history means nothing to this one.
                 logger.warning("LossFreeBalancer: the checkpoint's adaptive-gain state is of an older "
                                "format; the gain restarts from lossfree.update_rate")
-            elif len(adaptive) != len(self.update_states) or any(
-                a["previous"].shape != mine["previous"].shape for a, mine in zip(adaptive, self.update_states)
+            elif len(adaptive) != len(self.routers) or any(
+                a["previous"].numel() != r.expert_bias.numel() for a, r in zip(adaptive, self.routers)
             ):
                 raise ValueError("state['adaptive']: does not match this model's routers")
             else:
-                for mine, saved in zip(self.update_states, adaptive):
-                    mine.update({k: v.clone() for k, v in saved.items()})
+                for router, saved in zip(self.routers, adaptive):
+                    for key, value in saved.items():
+                        router._buffers[STATE_BUFFERS[key]].copy_(value.reshape(-1))
         integrals = state.get("integrals")
-        if integrals is not None and self.config.integral_gain > 0:
+        if integrals is not None and "integral" in self._state_keys:
             shapes = [tuple(t.shape) for t in self.integrals]
             saved_shapes = [tuple(t.shape) for t in integrals]
             if saved_shapes != shapes:
                 raise ValueError(
                     f"state['integrals']: shapes {saved_shapes} do not match this model's routers {shapes}"
                 )
-            for mine, saved in zip(self.update_states, integrals):
-                mine["integral"] = saved.to(dtype=torch.float32).reshape(1, -1).clone()
-        elif self.config.integral_gain > 0 and self.steps_done > 0:
+            for mine, saved in zip(self.integrals, integrals):
+                mine.copy_(saved)
+        elif "integral" in self._state_keys and self._steps > 0:
             logger.warning(
                 "LossFreeBalancer: the checkpoint has no integral term (saved with "
                 "integral_gain 0 or by an older version); it restarts from zero"
@@ -304,21 +472,15 @@ class LossFreeBalancer:
             logger.warning(
                 "LossFreeBalancer: resuming with a config that differs from the checkpoint's "
                 "(saved %s, now %s); the schedule continues from step %d",
-                saved, self.config.to_dict(), self.steps_done,
+                saved, self.config.to_dict(), self._steps,
             )
 
 
-def warn_integral_restarts(balancer: LossFreeBalancer) -> None:
-    """Say so when a resumed run (steps_done > 0) starts its drift integral from zero.
-
-    Megatron-LM and Bridge checkpoints hold the biases (model buffers) and the
-    iteration (the schedule's step), not the balancer's ``state_dict()``; the
-    integral rebuilds itself within about ``1 / (1 - integral_decay)`` steps.
-    """
-    if balancer.config.integral_gain > 0 and balancer.steps_done > 0:
-        logger.warning(
-            "LossFreeBalancer: resuming at step %d with integral_gain %g; the drift integral "
-            "is not in this checkpoint and restarts from zero (rebuilt in about %d steps)",
-            balancer.steps_done, balancer.config.integral_gain,
-            round(1 / (1 - balancer.config.integral_decay)),
-        )
+def detach(transformer_config: Any) -> Optional[Callable]:
+    """Remove any ``LossFreeBalancer.attach`` wrapper from ``finalize_model_grads_func``; return what is left."""
+    func = getattr(transformer_config, "finalize_model_grads_func", None)
+    while getattr(func, "_lossfree_balancer", None) is not None:
+        func = func.__wrapped__
+    if transformer_config is not None and hasattr(transformer_config, "finalize_model_grads_func"):
+        transformer_config.finalize_model_grads_func = func
+    return func

@@ -16,7 +16,16 @@ megatron-core 0.19.2, each on purpose:
   not) add nothing, and every trained token is counted exactly once;
 - ``expert_bias`` and ``local_tokens_per_expert`` never leave float32, even
   through ``Float16Module``'s ``.bfloat16()`` (no round trip through bf16);
-- buffers follow the module's device; no ``torch.cuda.current_device()``.
+- buffers follow the module's device; no ``torch.cuda.current_device()``;
+- what the balancer carries between steps is in the router too, saved as the
+  router's ``_extra_state``: the step counter that drives the rate schedule,
+  the drift integral and the adaptive gain's history. Every checkpoint of the
+  model (Megatron-LM's, Bridge's, ``dist_checkpointing``) then resumes the
+  balancer bit for bit, with no side file; see ``get_extra_state`` for why
+  ``_extra_state`` rather than persistent buffers. A checkpoint without it
+  (Megatron-Core's own expert bias, or one saved before the state was part
+  of the model) still loads: ``_load_from_state_dict`` leaves the state as it
+  is and notes it in ``balancer_state_loaded`` (the balancer warns).
 """
 
 from __future__ import annotations
@@ -36,33 +45,28 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 
 from nemo_lossfree import megatron_compat
-from nemo_lossfree.update import MARGIN_BINS, margin_histogram, selection_margins
+from nemo_lossfree.compat import refuse_unsupported_balancing, refuse_upstream_expert_bias
+from nemo_lossfree.scores import router_scores
+from nemo_lossfree.update import MARGIN_BINS, UPDATE_STATE_LAYOUT, margin_histogram, selection_margins, state_zeros
 
-# Buffers that must stay float32 whatever dtype the model is cast to.
-_FP32_BUFFERS = ("expert_bias", "local_tokens_per_expert", "local_margin_histogram")
-_UNSUPPORTED_BALANCING = ("sinkhorn", "quantile_balancing")
+#: The balancer's step counter (int64 ``[1]``): the rate schedule's position.
+STEPS_BUFFER = "lossfree_steps"
+#: ``update.UPDATE_STATE_LAYOUT`` key -> the router buffer holding this layer's row of it.
+STATE_BUFFERS = {key: f"lossfree_{key}" for key in UPDATE_STATE_LAYOUT}
+#: Every buffer of the balancer's state (saved through ``get_extra_state``).
+BALANCER_STATE_BUFFERS = (STEPS_BUFFER, *STATE_BUFFERS.values())
+#: ``get_extra_state()``'s layout version; ``set_extra_state`` reads this one.
+EXTRA_STATE_FORMAT = 1
+_EXTRA_STATE_KEYS = {"steps": STEPS_BUFFER, **STATE_BUFFERS}
+# Buffers whose dtype no model-wide cast may change (float32 bias and counts,
+# float64 and int64 state).
+_FIXED_DTYPE_BUFFERS = ("expert_bias", "local_tokens_per_expert", "local_margin_histogram",
+                        *BALANCER_STATE_BUFFERS)
 # Training micro-batches without a balancer step before the router warns. Far
 # above the micro-batches of one global batch in practice.
 UNBALANCED_FORWARDS_WARNING = 4096
 
 logger = logging.getLogger(__name__)
-
-
-def refuse_upstream_expert_bias(config, user: str) -> None:
-    """Refuse ``moe_router_enable_expert_bias`` unless it is plainly off (False, None or 0).
-
-    Megatron-Core reads the flag by truthiness in ``finalize_model_grads``
-    and would then move our ``expert_bias`` a second time; a string such as
-    "false" is truthy there, so only the plain off values pass.
-    """
-    value = getattr(config, "moe_router_enable_expert_bias", False)
-    if value is None or (not isinstance(value, str) and value == 0):
-        return
-    raise ValueError(
-        f"moe_router_enable_expert_bias: must be False (or None, 0) with {user}, got {value!r}; "
-        "the loss-free balancer owns the expert-bias update (Megatron-Core's "
-        "finalize_model_grads would apply a second one). Configure the update through LossFreeConfig."
-    )
 
 
 class _CommitCountsOnBackward(torch.autograd.Function):
@@ -99,22 +103,14 @@ class LossFreeRouter(TopKRouter):
 
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False) -> None:
         refuse_upstream_expert_bias(config, "LossFreeRouter")
-        routing_type = config.moe_router_load_balancing_type
-        types = routing_type if isinstance(routing_type, list) else [routing_type]
-        bad = [t for t in types if t in _UNSUPPORTED_BALANCING]
-        if bad:
-            raise ValueError(
-                f"moe_router_load_balancing_type: {bad[0]!r} selects experts without top-K on "
-                "scores and cannot be combined with LossFreeRouter; use none, aux_loss, "
-                "seq_aux_loss or global_aux_loss"
-            )
+        refuse_unsupported_balancing(config)
         megatron_compat.check_router_config(config)
         super().__init__(
             config=config, pg_collection=pg_collection, **megatron_compat.router_init_kwargs(is_mtp_layer)
         )
         megatron_compat.add_missing_router_attributes(self)
         # TopKRouter left these as plain None attributes; make them ours.
-        for name in _FP32_BUFFERS:
+        for name in _FIXED_DTYPE_BUFFERS:
             if name in self.__dict__:
                 delattr(self, name)
         device = self.weight.device
@@ -133,6 +129,14 @@ class LossFreeRouter(TopKRouter):
             torch.zeros(experts, 2, MARGIN_BINS, dtype=torch.float32, device=device),
             persistent=False,
         )
+        # The balancer's state (see get_extra_state), all of it whatever the
+        # config, so that checkpoints of every config load into every other.
+        # Buffers so that it follows the module's device; saved as _extra_state.
+        self.register_buffer(STEPS_BUFFER, torch.zeros(1, dtype=torch.int64, device=device), persistent=False)
+        for key, name in STATE_BUFFERS.items():
+            self.register_buffer(name, state_zeros(key, 1, experts, device).reshape(-1), persistent=False)
+        # None until a state dict is loaded; then whether it held the balancer state.
+        self.balancer_state_loaded: Optional[bool] = None
         # Training micro-batches counted since the last balancer step; a loud
         # warning when it grows without bound (no balancer is running).
         self.forwards_since_update = 0
@@ -141,27 +145,93 @@ class LossFreeRouter(TopKRouter):
         # framework sets it (Megatron-LM's --freeze-all-layers does), the
         # balancer leaves this router's bias alone.
 
+    #: Bumped whenever any router's buffers are replaced (device move, cast,
+    #: load): a balancer caches the buffers it updates and re-reads them, and
+    #: the step counter, only when this changed (one integer compare per step).
+    buffers_version = 0
+
     # ----------------------------------------------------------------- dtype
     def _apply(self, fn, recurse=True):
-        """Keep the bias and counts float32 (and bit-exact) through dtype casts.
+        """Keep the bias, counts and balancer state in their dtypes (bit-exact) through casts.
 
         ``Float16Module`` calls ``.bfloat16()`` on the whole model; a bias cast
         to bf16 and back would collapse distinct values, and bf16 counts flip
         update signs. Device moves still apply.
         """
-        before = {name: self._buffers[name] for name in _FP32_BUFFERS}
+        before = {name: self._buffers[name] for name in _FIXED_DTYPE_BUFFERS}
         super()._apply(fn, recurse)
         for name, original in before.items():
             moved = self._buffers[name]
-            if moved is not None and moved.dtype != torch.float32:
+            if moved is not None and moved.dtype != original.dtype:
                 self._buffers[name] = original.to(device=moved.device)
+        LossFreeRouter.buffers_version += 1
         return self
 
     def _follow_device(self, device: torch.device) -> None:
         # Router.gating() moves only the weight to the compute device.
-        for name in _FP32_BUFFERS:
-            if self._buffers[name].device != device:
-                self._buffers[name] = self._buffers[name].to(device)
+        if self._buffers["expert_bias"].device == device:
+            return
+        for name in _FIXED_DTYPE_BUFFERS:
+            self._buffers[name] = self._buffers[name].to(device)
+        LossFreeRouter.buffers_version += 1
+
+    # ------------------------------------------------------------ checkpoint
+    def get_extra_state(self) -> dict:
+        """The balancer's state of this layer, saved with the model: ``{"format", "steps", <update state>}``.
+
+        Why ``_extra_state`` and not persistent buffers: Megatron-Core's
+        ``sharded_state_dict`` (``make_sharded_tensors_for_checkpoint``) gives
+        a router's ``_extra_state`` the same treatment as its ``expert_bias``:
+        the replica id over TP and DP x CP (the router-replica group: one
+        replica writes, every replica reads) and the layer offset across
+        pipeline stages, so both reshard by layer alike. Unlike buffers, it is
+        one versioned object: new state (an EMA, a new rule's) changes no key,
+        so a checkpoint of this version keeps loading under later ones without
+        a key mismatch, and ``set_extra_state`` reads older layouts. It is
+        training state, not a weight: Megatron-Bridge's Hugging Face
+        conversion skips ``_extra_state`` (Transformer Engine keeps its FP8
+        history there) where it warns about every unmapped persistent buffer.
+        CPU copies: read back only when a checkpoint is taken.
+        """
+        state = {key: self._buffers[name].detach().to("cpu", copy=True) for key, name in _EXTRA_STATE_KEYS.items()}
+        return {"format": EXTRA_STATE_FORMAT, **state}
+
+    def set_extra_state(self, state) -> None:
+        """Restore ``get_extra_state()``'s dict (shapes checked); keys it lacks keep their values."""
+        if not isinstance(state, dict) or state.get("format") != EXTRA_STATE_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                f"LossFreeRouter (layer {self.layer_number}) _extra_state: must be a balancer state of "
+                f"format {EXTRA_STATE_FORMAT}, got {found!r}"
+            )
+        for key, name in _EXTRA_STATE_KEYS.items():
+            if key not in state:
+                continue
+            mine, saved = self._buffers[name], state[key]
+            if saved.numel() != mine.numel():
+                raise ValueError(
+                    f"LossFreeRouter (layer {self.layer_number}) _extra_state[{key!r}]: {saved.numel()} "
+                    f"values, this router holds {mine.numel()} (a checkpoint of another expert count?)"
+                )
+            mine.copy_(saved.reshape(mine.shape))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Load as usual; a state dict without the balancer state leaves it as it is.
+
+        Such a checkpoint (Megatron-Core's own expert bias, or saved before the
+        state was in the model) is no error even under ``strict=True``:
+        ``balancer_state_loaded`` records that the state was absent, and the
+        balancer says what restarts.
+        """
+        key = prefix + "_extra_state"
+        present = key in state_dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if not present and key in missing_keys:
+            missing_keys.remove(key)
+        self.balancer_state_loaded = present
+        LossFreeRouter.buffers_version += 1
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         """Router logits; moves the gate weights to the input's device if needed.
@@ -181,17 +251,8 @@ class LossFreeRouter(TopKRouter):
         return router_gating_linear(input, self.weight, self.bias, router_dtype)
 
     # -------------------------------------------------------------- routing
-    def _scores(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.score_function == "softmax":
-            return torch.softmax(logits, dim=-1, dtype=torch.float32)
-        if self.score_function == "sigmoid":
-            return torch.sigmoid(logits.float())
-        if self.score_function == "sqrtsoftplus":
-            return torch.nn.functional.softplus(logits.float()).sqrt()
-        raise ValueError(
-            f"moe_router_score_function: must be one of softmax, sigmoid, sqrtsoftplus; "
-            f"got {self.score_function!r}"
-        )
+    def _scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        return router_scores(logits_TE, self.score_function)
 
     def _topk(self, scores_TE: torch.Tensor, topk: int, num_groups=None, group_topk=None):
         if group_topk:

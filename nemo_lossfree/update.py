@@ -18,9 +18,12 @@ its one all-reduce and takes the quantile of the *global* batch
 
 Shape suffixes: T tokens, E experts, K top-k, L layers, B margin bins.
 
-Two rules hold for every rule here: a layer that saw no token keeps its bias,
-and a rate of 0 returns the bias bit for bit (no re-centering either, which
-would move it by rounding).
+Two rules hold for every rule here: a layer that saw no token, or whose
+counts (or margin histogram) hold a non-finite value, keeps its bias and its
+state; and a rate of 0 returns the bias bit for bit (no re-centering either,
+which would move it by rounding). Both are decided on the device
+(``torch.where``): nothing here reads a tensor back to the host, so a balancer
+step runs without a host synchronisation.
 """
 
 from __future__ import annotations
@@ -121,6 +124,23 @@ def margin_histogram(margins_TE: torch.Tensor, weight_T: Optional[torch.Tensor] 
     return hist.view(2, num_experts, MARGIN_BINS).transpose(0, 1).contiguous()
 
 
+_CLAMPED_EDGES: dict[torch.device, torch.Tensor] = {}
+
+
+def _clamped_edges(device: torch.device) -> torch.Tensor:
+    """The bin edges with the clamp as outer edges, float64, made once per device.
+
+    Built from a Python tuple each step, they would be a host-to-device copy
+    (a synchronisation on a GPU) in every balancer step of the quantile rule.
+    """
+    edges = _CLAMPED_EDGES.get(device)
+    if edges is None:
+        edges = torch.tensor((-_MARGIN_CLAMP,) + MARGIN_EDGES + (_MARGIN_CLAMP,), dtype=torch.float64,
+                             device=device)
+        _CLAMPED_EDGES[device] = edges
+    return edges
+
+
 def histogram_counts(histogram: torch.Tensor) -> torch.Tensor:
     """``[..., E]``: each expert's count, the histogram's mass below 0 (``selection_margins``)."""
     return histogram[..., 0, : MARGIN_BINS // 2].sum(dim=-1)
@@ -148,8 +168,7 @@ def quantile_step(histogram: torch.Tensor) -> torch.Tensor:
     n_E = counts_EB.gather(-1, bin_E1).squeeze(-1)
     before_E = (below_EB.gather(-1, bin_E1) - counts_EB.gather(-1, bin_E1)).squeeze(-1)
     mean_E = sums_EB.gather(-1, bin_E1).squeeze(-1) / n_E.clamp(min=1e-30)
-    edges = torch.tensor((-_MARGIN_CLAMP,) + MARGIN_EDGES + (_MARGIN_CLAMP,), dtype=torch.float64,
-                         device=hist.device)
+    edges = _clamped_edges(hist.device)
     low_E, high_E = edges[bin_E1.squeeze(-1)], edges[bin_E1.squeeze(-1) + 1]
     tail = (bin_E1.squeeze(-1) == 0) | (bin_E1.squeeze(-1) == MARGIN_BINS - 1)
     width_E = torch.where(tail, torch.zeros_like(low_E), high_E - low_E)
@@ -201,17 +220,20 @@ def _centered(bias: torch.Tensor, center: bool) -> torch.Tensor:
     return bias - bias.mean(dim=-1, keepdim=True) if center else bias
 
 
-def _check_inputs(counts: torch.Tensor, rate: float) -> None:
-    # A NaN rate or count would turn into a NaN bias (or, through sign(), a
-    # silent zero step); a negative rate moves every bias the wrong way.
-    _check_rate("rate", rate)
-    if not torch.isfinite(counts).all():
-        raise ValueError(f"counts: must be finite, got non-finite values in {tuple(counts.shape)} counts")
+def usable_layers(counts: torch.Tensor, histogram: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[..., 1]`` bool: the layers an update may move; the others keep their bias and state.
 
-
-def _has_tokens(counts: torch.Tensor) -> torch.Tensor:
-    """``[..., 1]``: the layers that saw a token (the others keep their bias)."""
-    return counts.sum(dim=-1, keepdim=True) > 0
+    A layer moves when it saw a token and every count (and margin-histogram
+    entry) is finite. One sum per layer decides both, on the device: a sum is
+    finite exactly when its terms are (counts are far below float's range),
+    and NaN > 0 is false. Checking finiteness with ``if`` instead would read
+    the result back to the host (a synchronisation on a GPU every step).
+    """
+    total = counts.double().sum(dim=-1, keepdim=True)
+    usable = (total > 0) & torch.isfinite(total)
+    if histogram is not None:
+        usable &= torch.isfinite(histogram.double().sum(dim=(-3, -2, -1))).unsqueeze(-1)
+    return usable
 
 
 def compute_bias_update(
@@ -236,19 +258,21 @@ def compute_bias_update(
     With ``rule="sign", center=False`` the result is bit-identical to
     Megatron-Core's ``get_updated_expert_bias`` without its all-reduce
     wherever its float32 sum and mean are exact (it computes in the counts'
-    dtype, this in float64). A
-    layer without tokens keeps its bias, and ``rate == 0`` returns ``bias``
-    bit for bit. Raises ``ValueError`` for a rate that is not a finite number
-    >= 0 and for non-finite counts.
+    dtype, this in float64). A layer without tokens or with a non-finite
+    count keeps its bias (``usable_layers``; upstream would write NaN into
+    it), and ``rate == 0`` returns ``bias`` bit for bit. Raises
+    ``ValueError`` for a rate that is not a finite number >= 0. Non-finite
+    counts raise nothing here (that would need a host synchronisation):
+    ``LossFreeBalancer`` reports them on its logging steps.
     """
     if counts.shape != bias.shape:
         raise ValueError(f"counts and bias must have the same shape, got {counts.shape} and {bias.shape}")
-    _check_inputs(counts, rate)
+    _check_rate("rate", rate)
     if rate == 0:
         return bias
     step = rule_step(counts, rate=rate, rule=rule, histogram=histogram)
     updated = _centered(bias + step.to(bias.dtype), center)
-    return torch.where(_has_tokens(counts), updated, bias)
+    return torch.where(usable_layers(counts, histogram), updated, bias)
 
 
 def compute_bias_update_with_integral(
@@ -271,22 +295,23 @@ def compute_bias_update_with_integral(
     router's scores drift, the steps keep one sign and the integral grows
     until the bias moves with the drift; per-batch noise alternates in sign
     and mostly cancels in it. With ``gain == 0`` the bias equals
-    ``compute_bias_update``'s bit for bit. A layer without tokens keeps both
-    its bias and its integral; ``rate == 0`` returns both unchanged.
+    ``compute_bias_update``'s bit for bit. A layer without tokens or with a
+    non-finite count keeps both its bias and its integral; ``rate == 0``
+    returns both unchanged.
     """
     if not (counts.shape == bias.shape == integral.shape):
         raise ValueError(
             "counts, bias and integral must have the same shape, got "
             f"{counts.shape}, {bias.shape} and {integral.shape}"
         )
-    _check_inputs(counts, rate)
+    _check_rate("rate", rate)
     if gain == 0 or rate == 0:
         return compute_bias_update(counts, bias, rate=rate, rule=rule, center=center,
                                    histogram=histogram), integral
     step = rule_step(counts, rate=rate, rule=rule, histogram=histogram).to(bias.dtype)
     new_integral = decay * integral + gain * step
     updated = _centered(bias + step + new_integral, center)
-    keep = ~_has_tokens(counts)
+    keep = ~usable_layers(counts, histogram)
     return torch.where(keep, bias, updated), torch.where(keep, integral, new_integral)
 
 
@@ -305,6 +330,7 @@ def adaptive_quantile_update(
     ceiling: float,
     floor: float,
     center: bool,
+    histogram: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """The quantile step with a gain per layer that keeps successive moves uncorrelated.
 
@@ -322,41 +348,68 @@ def adaptive_quantile_update(
     correlation: no variances, no shape of the noise (a batch's balancing
     bias need not be Gaussian: identical tokens make it jump). Returns
     ``(bias, state, gain_L1)``; ``state`` holds ``gain`` ``[L, 1]``,
-    ``previous`` (the last centered move) ``[L, E]`` and ``seen`` ``[L, 1]``.
-    A layer whose ``counts`` hold no token keeps its bias and its state.
+    ``previous`` (the last centered move) ``[L, E]`` and ``seen`` ``[L, 1]``;
+    a layer that has seen no move yet starts at ``ceiling`` whatever its
+    ``gain`` holds (state saved under another config resumes cleanly).
+    A layer whose ``counts`` (or ``histogram``, the step's source) hold no
+    token or a non-finite value keeps its bias and its state.
     """
     move = step.double() - step.double().mean(-1, keepdim=True)
     previous, seen = state["previous"], state["seen"]
     dot = (move * previous).sum(-1, keepdim=True)
     norms = ((move * move).sum(-1, keepdim=True) * (previous * previous).sum(-1, keepdim=True)).sqrt()
     rho = torch.where((seen >= 1) & (norms > 0), dot / norms.clamp(min=1e-300), torch.zeros_like(dot))
-    gain = (state["gain"] * torch.exp(ADAPTIVE_GAIN_STEP * rho)).clamp(floor, ceiling)
+    prior = torch.where(seen >= 1, state["gain"], torch.full_like(state["gain"], ceiling))
+    gain = (prior * torch.exp(ADAPTIVE_GAIN_STEP * rho)).clamp(floor, ceiling)
     updated = _centered(bias + (gain * step.double()).to(bias.dtype), center)
     new_state = {"gain": gain, "previous": move, "seen": seen + 1}
-    keep_L1 = ~_has_tokens(counts)
+    keep_L1 = ~usable_layers(counts, histogram)
     new_state = {key: torch.where(keep_L1, state[key], value) for key, value in new_state.items()}
     return torch.where(keep_L1, bias, updated), new_state, new_state["gain"]
 
 
+#: Every tensor an update may carry from one step to the next, per layer:
+#: key -> (dtype, per expert or one per layer). The drift integral is float32
+#: like the bias; the adaptive gain's history float64 like its arithmetic.
+UPDATE_STATE_LAYOUT: dict[str, tuple[torch.dtype, bool]] = {
+    "integral": (torch.float32, True),
+    "gain": (torch.float64, False),
+    "previous": (torch.float64, True),
+    "seen": (torch.int64, False),
+}
+_ADAPTIVE_KEYS = ("gain", "previous", "seen")
+
+
+def state_zeros(key: str, layers: int, experts: int, device=None) -> torch.Tensor:
+    """``key``'s tensor of ``UPDATE_STATE_LAYOUT`` for ``[layers, experts]``, zeros."""
+    dtype, per_expert = UPDATE_STATE_LAYOUT[key]
+    return torch.zeros(layers, experts if per_expert else 1, dtype=dtype, device=device)
+
+
 def adaptive_state(layers: int, experts: int, *, ceiling: float, device=None) -> dict[str, torch.Tensor]:
     """The starting state of ``adaptive_quantile_update`` for ``[layers, experts]``: gain at ``ceiling``."""
-    return {"gain": torch.full((layers, 1), float(ceiling), dtype=torch.float64, device=device),
-            "previous": torch.zeros(layers, experts, dtype=torch.float64, device=device),
-            "seen": torch.zeros(layers, 1, dtype=torch.int64, device=device)}
+    state = {key: state_zeros(key, layers, experts, device) for key in _ADAPTIVE_KEYS}
+    state["gain"].fill_(float(ceiling))
+    return state
+
+
+def update_state_keys(config: LossFreeConfig) -> tuple[str, ...]:
+    """The keys of ``UPDATE_STATE_LAYOUT`` that ``config``'s update reads and writes."""
+    keys = ("integral",) if config.integral_gain > 0 else ()
+    return keys + (_ADAPTIVE_KEYS if config.schedule == "adaptive" else ())
 
 
 def update_state(config: LossFreeConfig, layers: int, experts: int, device=None) -> dict[str, torch.Tensor]:
     """What ``config``'s update carries from one step to the next, per layer (``[layers, ...]``).
 
-    ``integral`` (``integral_gain > 0``, float32 like the bias) and the
-    adaptive gain's ``gain``, ``previous`` and ``seen`` (``schedule:
-    adaptive``); empty for the plain rules.
+    ``integral`` (``integral_gain > 0``) and the adaptive gain's ``gain``,
+    ``previous`` and ``seen`` (``schedule: adaptive``); empty for the plain
+    rules. ``LossFreeRouter`` keeps every key of ``UPDATE_STATE_LAYOUT`` as a
+    buffer, so the state is saved with the model whatever the config.
     """
-    state: dict[str, torch.Tensor] = {}
-    if config.integral_gain > 0:
-        state["integral"] = torch.zeros(layers, experts, dtype=torch.float32, device=device)
-    if config.schedule == "adaptive":
-        state.update(adaptive_state(layers, experts, ceiling=config.update_rate, device=device))
+    state = {key: state_zeros(key, layers, experts, device) for key in update_state_keys(config)}
+    if "gain" in state:
+        state["gain"].fill_(config.update_rate)
     return state
 
 
@@ -385,8 +438,8 @@ def apply_update(
     if config.schedule == "adaptive":
         move = rule_step(counts, rate=1.0, rule="quantile", histogram=histogram)
         bias, adaptive, gain = adaptive_quantile_update(
-            counts, bias, move, {k: state[k] for k in ("gain", "previous", "seen")},
-            ceiling=rate, floor=config.min_update_rate, center=config.center,
+            counts, bias, move, {k: state[k] for k in _ADAPTIVE_KEYS},
+            ceiling=rate, floor=config.min_update_rate, center=config.center, histogram=histogram,
         )
         return bias, {**state, **adaptive}, gain
     if config.integral_gain > 0:

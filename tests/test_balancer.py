@@ -1,26 +1,16 @@
 """LossFreeBalancer on one rank: grouping, skipping, errors, Megatron's training schedule."""
 
 import logging
+import math
 
 import pytest
 import torch
 
 from nemo_lossfree import LossFreeBalancer, LossFreeConfig
-from nemo_lossfree.router import LossFreeRouter
 from nemo_lossfree.testing.models import gpt_moe_model, moe_transformer_config
-from nemo_lossfree.update import compute_bias_update, margin_histogram, selection_margins
+from nemo_lossfree.update import compute_bias_update
 
-
-def routers_with_expert_counts(pg_collection, counts):
-    routers = torch.nn.ModuleList()
-    for number, experts in enumerate(counts, start=1):
-        router = LossFreeRouter(
-            moe_transformer_config(num_layers=len(counts), num_experts=experts, topk=2),
-            pg_collection=pg_collection,
-        )
-        router.set_layer_number(number)
-        routers.append(router)
-    return routers
+from _support.routers import quantile_batch, routers_with_expert_counts
 
 
 def test_layers_with_different_expert_counts(pg_collection):
@@ -49,55 +39,138 @@ def test_layer_without_tokens_keeps_its_bias(pg_collection):
     assert model[1].expert_bias.abs().sum() > 0
 
 
-def test_non_finite_counts_raise(pg_collection):
-    model = routers_with_expert_counts(pg_collection, [8])
-    balancer = LossFreeBalancer(model)
-    model[0].local_tokens_per_expert[3] = float("nan")
-    with pytest.raises(FloatingPointError, match="non-finite expert counts"):
-        balancer.step()
-    assert model[0].expert_bias.abs().sum() == 0
-
-
-def _quantile_batch(router, seed=0, tokens=64):
-    """Fill one router with a batch's counts and margin histogram, as the router records them."""
-    experts = router.local_tokens_per_expert.numel()
-    scores_TE = torch.rand(tokens, experts, generator=torch.Generator().manual_seed(seed))
-    selected_TE = torch.zeros(tokens, experts, dtype=torch.bool)
-    selected_TE.scatter_(1, scores_TE.topk(2, dim=-1).indices, True)
-    router.local_tokens_per_expert.copy_(selected_TE.sum(dim=0).float())
-    router.local_margin_histogram.copy_(margin_histogram(selection_margins(scores_TE, selected_TE, 2)))
-
-
-def test_non_finite_counts_are_dropped_and_the_next_step_works(pg_collection, caplog):
-    # The NaN counts stayed in place, so every later step raised too.
+def test_non_finite_counts_never_touch_a_bias_and_raise_on_the_logging_step(pg_collection, caplog):
+    # The check was an `if` on the device's answer: a host synchronisation every step.
     model = routers_with_expert_counts(pg_collection, [8, 8])
-    balancer = LossFreeBalancer(model)  # the quantile rule: histograms travel with the counts
+    # The quantile rule: histograms travel with the counts.
+    balancer = LossFreeBalancer(model, LossFreeConfig(schedule="constant", update_rate=0.5))
     for seed, router in enumerate(model):
-        _quantile_batch(router, seed)
+        quantile_batch(router, seed)
     model[1].local_tokens_per_expert[3] = float("nan")
+    finite = model[0]
+    expected = compute_bias_update(finite.local_tokens_per_expert.double(), finite.expert_bias.clone(), rate=0.5,
+                                   rule="quantile", center=True, histogram=finite.local_margin_histogram.double())
     caplog.set_level(logging.WARNING, logger="nemo_lossfree.balancer")
-    with pytest.raises(FloatingPointError, match="non-finite expert counts"):
+    with pytest.raises(FloatingPointError, match=r"non-finite expert counts after the all-reduce in 1 step"):
         balancer.step()
+    assert torch.equal(model[0].expert_bias, expected) and expected.abs().sum() > 0  # the finite layer moved
+    assert model[1].expert_bias.abs().sum() == 0  # the other kept its bias
     for router in model:
-        assert router.expert_bias.abs().sum() == 0  # no layer moved, the finite one neither
         assert router.local_tokens_per_expert.abs().sum() == 0
         assert router.local_margin_histogram.abs().sum() == 0
-    assert balancer.steps_done == 0 and balancer.last_metrics == {}
+    assert balancer.steps_done == 1  # a step of the schedule all the same
+    assert math.isnan(balancer.last_metrics["lossfree/maxvio_batch_layer_2"])
     warnings_seen = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings_seen) == 1 and "dropped" in warnings_seen[0].getMessage()
+    assert len(warnings_seen) == 1 and "kept their bias" in warnings_seen[0].getMessage()
 
     for seed, router in enumerate(model):
-        _quantile_batch(router, seed + 10)
+        quantile_batch(router, seed + 10)
     expected = [
         compute_bias_update(r.local_tokens_per_expert.double(), r.expert_bias.clone(), rate=0.5, rule="quantile",
                             center=True, histogram=r.local_margin_histogram.double())
         for r in model
     ]
     metrics = balancer.step()
-    assert balancer.steps_done == 1 and "lossfree/maxvio_batch" in metrics
+    assert balancer.steps_done == 2 and "lossfree/maxvio_batch" in metrics
     for router, bias in zip(model, expected):
         assert router.expert_bias.abs().sum() > 0
         assert torch.equal(router.expert_bias, bias)
+
+
+def test_non_finite_counts_are_reported_on_the_next_logging_step(pg_collection):
+    model = routers_with_expert_counts(pg_collection, [8])
+    balancer = LossFreeBalancer(model, LossFreeConfig(update_rule="sign", update_rate=0.1, log_every=3))
+    seen = []
+    for step in range(5):
+        model[0].local_tokens_per_expert.copy_(torch.arange(8.0))
+        if step == 1:
+            model[0].local_tokens_per_expert[0] = float("inf")
+        before = model[0].expert_bias.clone()
+        try:
+            seen.append(sorted(balancer.step())[:1])
+        except FloatingPointError as error:
+            seen.append(str(error))
+        assert torch.equal(model[0].expert_bias, before) == (step == 1)
+    assert seen[:3] == [["lossfree/bias_max"], [], []]
+    assert seen[3].startswith("LossFreeBalancer.step: non-finite expert counts after the all-reduce in 1 step(s)")
+    assert seen[4] == []  # said once
+
+
+def test_resumes_bit_exactly_from_the_models_own_state_dict(pg_collection):
+    # The step counter, the drift integral and the adaptive gain are model
+    # state: a fresh model and balancer loading model.state_dict() continue
+    # exactly where an uninterrupted run goes.
+    for config in (
+        LossFreeConfig(update_rule="proportional", update_rate=0.1, schedule="inverse_time", decay_steps=2,
+                       integral_gain=0.5, integral_decay=0.9),
+        LossFreeConfig(schedule="adaptive", update_rate=0.9, min_update_rate=0.05),
+    ):
+        def run(model, balancer, steps, start):
+            for step in range(start, start + steps):
+                for index, router in enumerate(model):
+                    quantile_batch(router, seed=100 * step + index)
+                balancer.step()
+
+        straight = routers_with_expert_counts(pg_collection, [8, 16])
+        straight_balancer = LossFreeBalancer(straight, config)
+        run(straight, straight_balancer, 6, 0)
+
+        first = routers_with_expert_counts(pg_collection, [8, 16])
+        run(first, LossFreeBalancer(first, config), 3, 0)
+        saved = first.state_dict()
+        resumed = routers_with_expert_counts(pg_collection, [8, 16])
+        resumed_balancer = LossFreeBalancer(resumed, config)
+        resumed.load_state_dict(saved)
+        assert resumed_balancer.steps_done == 3
+        run(resumed, resumed_balancer, 3, 3)
+        for mine, want in zip(resumed, straight):
+            assert torch.equal(mine.expert_bias, want.expert_bias)
+            for key, value in want.get_extra_state().items():
+                assert torch.equal(torch.as_tensor(mine.get_extra_state()[key]), torch.as_tensor(value)), key
+        assert resumed_balancer.steps_done == straight_balancer.steps_done == 6
+        moved = {k: v for k, v in straight[0].get_extra_state().items() if k in ("integral", "previous")}
+        assert any(v.abs().sum() > 0 for v in moved.values())  # the state compared is not all zeros
+
+
+def test_a_checkpoint_without_the_state_loads_and_says_what_restarts(pg_collection, caplog):
+    # Megatron-Core's own expert-bias router saved it (no _extra_state), strict load.
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    upstream = TopKRouter(moe_transformer_config(num_layers=1, num_experts=8, topk=2, expert_bias=True),
+                          pg_collection=pg_collection)
+    upstream.expert_bias.copy_(torch.linspace(-1, 1, 8))
+    saved = upstream.state_dict()
+    assert "_extra_state" not in saved
+    model = routers_with_expert_counts(pg_collection, [8])
+    cfg = LossFreeConfig(update_rule="sign", update_rate=0.1, integral_gain=0.5)
+    balancer = LossFreeBalancer(model, cfg)
+    model[0].load_state_dict(saved)  # strict: no error for the missing state
+    assert torch.equal(model[0].expert_bias, torch.linspace(-1, 1, 8))
+    assert model[0].balancer_state_loaded is False
+    caplog.set_level(logging.WARNING, logger="nemo_lossfree.balancer")
+    balancer.continue_from_iteration(7)  # Megatron-LM / Bridge resume at iteration 7
+    assert balancer.steps_done == 7
+    assert "continues from step 7 (the training iteration); the drift integral restarts from zero" in caplog.text
+    model[0].local_tokens_per_expert.copy_(torch.arange(8.0))
+    balancer.step()
+    assert caplog.text.count("holds no balancer state") == 1  # said once
+    # A checkpoint with the state: the iteration is not needed.
+    saved = model.state_dict()
+    fresh = routers_with_expert_counts(pg_collection, [8])
+    fresh_balancer = LossFreeBalancer(fresh, cfg)
+    fresh.load_state_dict(saved)
+    fresh_balancer.continue_from_iteration(99)
+    assert fresh_balancer.steps_done == 8
+    assert torch.equal(fresh_balancer.integrals[0], balancer.integrals[0]) and balancer.integrals[0].abs().sum() > 0
+
+
+def test_extra_state_of_another_expert_count_is_refused(pg_collection):
+    saved = routers_with_expert_counts(pg_collection, [8]).state_dict()
+    other = routers_with_expert_counts(pg_collection, [16])
+    with pytest.raises(ValueError, match=r"_extra_state\['integral'\]: 8 values, this router holds 16"):
+        other[0].set_extra_state(saved["0._extra_state"])
+    with pytest.raises(ValueError, match=r"_extra_state: must be a balancer state of format 1, got 'dict'|got None"):
+        other[0].set_extra_state({"steps": torch.zeros(1)})
 
 
 def test_frozen_and_eval_routers_are_left_alone(pg_collection):
@@ -179,7 +252,7 @@ def test_refuses_megatron_expert_bias_flag_unless_plainly_off(pg_collection, val
     # flag is truthy ("false" is); only False, None and 0 are plainly off.
     model = routers_with_expert_counts(pg_collection, [8, 8])
     model[1].config.moe_router_enable_expert_bias = value
-    with pytest.raises(ValueError, match=r"^moe_router_enable_expert_bias: must be False"):
+    with pytest.raises(ValueError, match=r"^moe_router_enable_expert_bias: must be false"):
         LossFreeBalancer(model)
     for off in (False, None, 0):
         model[1].config.moe_router_enable_expert_bias = off

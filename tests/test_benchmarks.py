@@ -65,12 +65,14 @@ def test_balancer_cost_quick_two_ranks(tmp_path):
         assert row["replicas_identical"] is True
         assert row["collectives_per_step"]["lossfree"] == {"all_reduce": 1, "total": 1}
         assert row["collectives_per_step"]["overlapped"] == {"all_reduce": 1, "total": 1}
+        assert row["host_syncs_per_step"]["lossfree_nolog"] == {}  # a step that records no metrics
+        assert row["host_syncs_per_step"]["lossfree"]  # a logging step reads its metrics back
         assert all(positive(v) for v in row["median_ms"].values())
     assert uniform["collectives_per_step"]["upstream"] == {"all_reduce": 1, "total": 1}
     assert positive(uniform["ratio_lossfree_vs_upstream"])
     assert mixed["expert_counts"] == [4, 16]
     assert "upstream" not in mixed["median_ms"] and "stack expects" in mixed["upstream_error"]
-    assert "collectives / step" in stdout
+    assert "collectives / step" in stdout and "host syncs / step" in stdout
 
 
 def test_demo_bias_headroom_tiny(tmp_path):

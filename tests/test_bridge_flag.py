@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import subprocess
 import sys
 import types
@@ -19,6 +20,7 @@ from nemo_lossfree.integrations.bridge import (
     lossfree_config,
 )
 from nemo_lossfree.integrations.bridge import pretrain as bridge_pretrain
+from nemo_lossfree.integrations.bridge.takeover import take_over_expert_bias
 from nemo_lossfree.testing.models import moe_transformer_config
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml")
@@ -73,6 +75,15 @@ def test_a_module_spec_is_wrapped_as_is():
     assert submodules.router is LossFreeRouter
 
 
+def test_a_pipeline_stage_of_dense_layers_is_built_as_is():
+    """DeepSeek-V3's first pipeline stage holds only its 3 dense layers."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    config = moe_transformer_config(num_experts=4)
+    dense_stage = get_gpt_layer_local_spec(num_experts=None)
+    assert LossFreeLayerSpec(dense_stage)(config) is not None
+
+
 def _holder(**model_fields):
     fields = dict(num_moe_experts=8, moe_router_enable_expert_bias=False, moe_aux_loss_coeff=0.0,
                   moe_router_load_balancing_type="none", transformer_layer_spec=_local_spec)
@@ -87,11 +98,34 @@ def test_flag_off_or_absent_changes_nothing():
     assert holder.model.transformer_layer_spec is _local_spec
 
 
-def test_megatrons_expert_bias_next_to_the_flag_is_refused_naming_the_key():
-    holder = _holder(moe_router_enable_expert_bias=True)
-    with pytest.raises(ValueError, match=r"^model.moe_router_enable_expert_bias: must be false"):
+def test_a_recipes_megatron_expert_bias_is_taken_over_with_one_log_line(caplog):
+    """(enable_lossfree calls this; the Bridge lane runs it on real recipes.)"""
+    model = _holder(moe_router_enable_expert_bias=True, moe_router_bias_update_rate=1e-3).model
+    with caplog.at_level(logging.INFO, logger="nemo_lossfree"):
+        assert take_over_expert_bias(model, 2e-3) is True
+    assert model.moe_router_enable_expert_bias is False
+    assert [r.getMessage() for r in caplog.records] == [
+        "lossfree: model.moe_router_enable_expert_bias was True (Megatron-Core's expert-bias "
+        "update, rate 0.001); LossFreeRouter takes it over: Megatron's update is off, the bias "
+        "buffer and its checkpoint key mlp.router.expert_bias stay, lossfree.update_rate 0.002 applies"
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="nemo_lossfree"):
+        assert take_over_expert_bias(model, 2e-3) is False  # nothing left to take over
+    assert caplog.records == []
+
+
+def test_take_over_waits_for_the_dense_model_refusal():
+    holder = _holder(num_moe_experts=None, moe_router_enable_expert_bias=True)
+    with pytest.raises(ValueError, match=r"^model.num_moe_experts:"):
         enable_lossfree(holder, {"enabled": True})
-    assert holder.model.transformer_layer_spec is _local_spec
+    assert holder.model.moe_router_enable_expert_bias is True  # untouched
+
+
+def test_flag_off_leaves_a_recipes_expert_bias_alone():
+    holder = _holder(moe_router_enable_expert_bias=True)
+    assert enable_lossfree(holder, {"enabled": False}) is None
+    assert holder.model.moe_router_enable_expert_bias is True
 
 
 def test_dense_model_is_refused():
@@ -106,7 +140,7 @@ def test_aux_loss_left_on_warns():
 
 
 def test_section_values_are_validated_with_loss_free_configs_messages():
-    assert lossfree_config({"enabled": True, "update_rate": "1e-3"}).update_rate == 1e-3
+    assert lossfree_config({"enabled": True, "update_rate": 1e-3}).update_rate == 1e-3
     with pytest.raises(ValueError, match=r"^lossfree.update_rate: must be a finite number >= 0"):
         lossfree_config({"enabled": True, "update_rate": -1e-3})
 

@@ -50,14 +50,20 @@ def test_linear_warmup_needs_warmup_steps():
         LossFreeConfig(schedule="linear_warmup")
 
 
-def test_from_dict_reads_yaml_and_command_line_strings():
-    cfg = LossFreeConfig.from_dict(
-        {"update_rate": "1e-3", "center": "false", "freeze_after_steps": "null", "warmup_steps": "10",
-         "enabled": "true"}
-    )
+def test_from_dict_takes_typed_values_and_does_not_convert_text():
+    """Text is typed where it is read (the run-config loader, argparse): LossFreeConfig only checks."""
+    from nemo_lossfree.runconfig.load import typed_section
+
+    section = typed_section("lossfree", {"update_rate": "1e-3", "center": "false", "freeze_after_steps": None,
+                                         "warmup_steps": "10", "enabled": "true"}, "a test")
+    cfg = LossFreeConfig.from_dict(section)
     assert cfg.update_rate == 1e-3 and cfg.center is False
     assert cfg.freeze_after_steps is None and cfg.warmup_steps == 10 and cfg.enabled is True
     assert LossFreeConfig.from_dict(None) == LossFreeConfig()
+    with pytest.raises(ValueError, match=r"^lossfree.update_rate: must be a finite number >= 0, got '1e-3'$"):
+        LossFreeConfig.from_dict({"update_rate": "1e-3"})
+    with pytest.raises(ValueError, match=r"^lossfree.warmup_steps: must be an integer >= 0, got '10'$"):
+        LossFreeConfig.from_dict({"warmup_steps": "10"})
 
 
 def test_from_dict_rejects_unknown_keys():
@@ -74,7 +80,7 @@ def test_a_rule_without_a_rate_gets_its_own_rate():
     # A rate means something else per rule: quantile's 0.5 would be a huge sign step.
     assert LossFreeConfig(update_rule="sign").update_rate == 1e-3
     assert LossFreeConfig.from_dict({"update_rule": "proportional"}).update_rate == 1e-2
-    assert LossFreeConfig.from_dict({"update_rule": "sign", "update_rate": "null"}).update_rate == 1e-3
+    assert LossFreeConfig.from_dict({"update_rule": "sign", "update_rate": None}).update_rate == 1e-3
     assert LossFreeConfig(update_rule="sign", update_rate=2e-3).update_rate == 2e-3
     config = LossFreeConfig(update_rule="sign")
     assert LossFreeConfig.from_dict(config.to_dict()) == config
@@ -110,13 +116,19 @@ def test_bools_and_floats_are_not_counts_or_rates(field, value, message):
 
 @pytest.mark.parametrize("field", ["center", "enabled"])
 def test_string_booleans_read_the_same_for_every_bool_field(field):
-    # "yes" passed but "off" failed.
+    """The loader (OmegaConf's bool) reads every spelling alike for every bool field; LossFreeConfig takes bools."""
+    from nemo_lossfree.runconfig.load import RunConfigError, load_run_config
+
     for text, value in [("true", True), ("false", False), ("yes", True), ("no", False), ("on", True),
-                        ("off", False), ("1", True), ("0", False), (" TRUE ", True), ("Off", False)]:
-        assert getattr(LossFreeConfig.from_dict({field: text}), field) is value, text
-    for text in ("maybe", "", "2", "nope"):
+                        ("off", False), ("1", True), ("0", False), ("TRUE", True), ("Off", False)]:
+        section = load_run_config(None, [f"lossfree.{field}={text}"])["lossfree"]
+        assert getattr(LossFreeConfig.from_dict(section), field) is value, text
+    for text in ("maybe", "nope", "[1]"):
+        with pytest.raises(RunConfigError, match=rf"^lossfree.{field}: "):
+            load_run_config(None, [f"lossfree.{field}={text}"])
+    for value in ("off", "", 2, None):
         with pytest.raises(ValueError, match=rf"^lossfree.{field}: must be true or false, got "):
-            LossFreeConfig.from_dict({field: text})
+            LossFreeConfig.from_dict({field: value})
 
 
 def test_assignment_is_validated():

@@ -38,9 +38,6 @@ def test_expert_parallel_2_with_mtp():
 def test_expert_parallel_2_inside_data_parallel_4():
     # 4 ranks, EP=2: expert groups {0,1} and {2,3}. Every rank holds a replica
     # of each router, so the reduction must span all four, not the EP group.
-    # (Tensor and context parallelism need Transformer Engine's layers for MoE
-    # on the CPU: torch LayerNorm refuses sequence parallelism, which
-    # Megatron-Core requires for MoE with TP, and local attention refuses CP.)
     # With the drift integral: it is replicated state too, and must agree everywhere.
     lf = dict(update_rate=1e-2, update_rule="proportional", center=False, schedule="inverse_time",
               decay_steps=2, integral_gain=0.5, integral_decay=0.9)
@@ -50,6 +47,32 @@ def test_expert_parallel_2_inside_data_parallel_4():
     )
     check_replicas_agree(results, num_routers=2)
     assert results[0]["group_ranks"] == [0, 1, 2, 3]
+
+
+def test_tensor_parallel_2_with_sequence_parallelism():
+    # Megatron-Core requires sequence parallelism for MoE with TP > 1: each TP
+    # rank routes its half of the sequence, so the TP ranks' counts differ and
+    # the reduction must sum them (testing.models' SequenceParallelTorchNorm
+    # stands in for Transformer Engine's norms, which torch's refuse to).
+    lf = dict(update_rate=1e-2, update_rule="sign", center=True)
+    parallel = dict(tensor_model_parallel_size=2)
+    results = run_on_ranks(
+        dist_workers.train_and_check, 2, parallel, lf, STEPS, False, tensor_model_parallel_size=2
+    )
+    check_replicas_agree(results, num_routers=2)
+    assert results[0]["group_ranks"] == [0, 1]
+    # Router and norm weights: the same on both TP ranks after every step.
+    assert all(r["tp_replicas_differ"] == [[]] * STEPS for r in results)
+
+
+def test_context_parallel_2_routes_each_ranks_part_of_the_sequences():
+    lf = dict(update_rate=1e-2, update_rule="sign", center=True)
+    results = run_on_ranks(
+        dist_workers.route_context_parallel_parts, 2, lf, STEPS, context_parallel_size=2
+    )
+    check_replicas_agree(results, num_routers=2)
+    assert results[0]["group_ranks"] == [0, 1]
+    assert all(r["parts_match_whole"] == [True] * STEPS for r in results)
 
 
 def test_quantile_rule_uses_the_global_batch_histogram():

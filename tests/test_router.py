@@ -191,7 +191,16 @@ def test_buffers_stay_float32_and_exact_under_bf16(pg_collection):
     assert inner.expert_bias.dtype == torch.float32
     assert inner.local_tokens_per_expert.dtype == torch.float32
     assert torch.equal(inner.expert_bias, bias)
+    # The balancer state in the model keeps its dtypes too (a bf16 integral or gain would drift).
+    from nemo_lossfree.router import STATE_BUFFERS
+    from nemo_lossfree.update import UPDATE_STATE_LAYOUT
+
+    assert inner.lossfree_steps.dtype == torch.int64
+    for key, (dtype, _) in UPDATE_STATE_LAYOUT.items():
+        assert getattr(inner, STATE_BUFFERS[key]).dtype == dtype, key
     state = inner.state_dict()
+    saved = state["_extra_state"]
+    assert saved["steps"].dtype == torch.int64 and saved["gain"].dtype == torch.float64
     assert state["expert_bias"].dtype == torch.float32 and torch.equal(state["expert_bias"], bias)
     assert "local_tokens_per_expert" not in state
     other, _ = make_pair(pg_collection)
@@ -214,7 +223,7 @@ def test_bf16_inputs_count_in_float32(pg_collection):
 @pytest.mark.parametrize("value", [True, 1, "true", "false", ""])
 def test_refuses_megatron_expert_bias_flag(pg_collection, value):
     # Anything but False, None or 0: Megatron-Core reads the flag by truthiness ("false" is on).
-    with pytest.raises(ValueError, match=r"^moe_router_enable_expert_bias: must be False"):
+    with pytest.raises(ValueError, match=r"^moe_router_enable_expert_bias: must be false"):
         LossFreeRouter(make_config(expert_bias=value), pg_collection=pg_collection)
     for off in (False, None, 0):
         LossFreeRouter(make_config(expert_bias=off), pg_collection=pg_collection)

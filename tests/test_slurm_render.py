@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from nemo_lossfree.apps.slurm.job import STOPPED_EXIT_CODE, SlurmJob
+from nemo_lossfree.apps.slurm.job import SlurmJob
 from nemo_lossfree.apps.slurm.render import render_sbatch
+from nemo_lossfree.exit_codes import EXIT_STOPPED
 
 PRETRAIN = ["-m", "nemo_lossfree.integrations.bridge.pretrain", "--config-file", "configs/big.yaml"]
 
@@ -175,7 +176,7 @@ if [ "$FAKE_MODE" = preempt ]; then
   exit 1
 fi
 exit "${FAKE_EXIT:-0}"
-""".replace("STOPPED", str(STOPPED_EXIT_CODE))
+""".replace("STOPPED", str(EXIT_STOPPED))
 # scancel --signal=USR1 <id>: deliver it to the (fake) training tasks.
 FAKE_SCANCEL = """\
 #!/bin/bash
@@ -245,20 +246,20 @@ def test_usr1_is_forwarded_then_the_job_requeues_itself(tmp_path):
         "saved",
         "requeue 4242",
     ]
-    assert f"training step exited with {STOPPED_EXIT_CODE}" in result.stdout
+    assert f"training step exited with {EXIT_STOPPED}" in result.stdout
 
 
 def test_no_requeue_after_max_requeues_or_when_disabled(tmp_path):
     env = _fake_slurm(tmp_path)
     result = _run_preempted(tmp_path, gpu_job(max_requeues=3), dict(env, SLURM_RESTART_COUNT="3"))
-    assert result.returncode == STOPPED_EXIT_CODE, result.stdout
+    assert result.returncode == EXIT_STOPPED, result.stdout
     assert "requeue" not in (tmp_path / "calls").read_text()
 
     (tmp_path / "srun_pid").unlink()
     (tmp_path / "calls").write_text("")
     result = _run_preempted(tmp_path, gpu_job(requeue=False), env)
     assert "#SBATCH --no-requeue" in (tmp_path / "job.sbatch").read_text()
-    assert result.returncode == STOPPED_EXIT_CODE, result.stdout
+    assert result.returncode == EXIT_STOPPED, result.stdout
     assert (tmp_path / "calls").read_text().splitlines() == ["scancel --signal=USR1 4242", "saved"]
 
 
@@ -315,10 +316,11 @@ def _repo_env() -> dict:
 
 def _cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nemo_lossfree.apps.cli", "slurm", *argv],
-                          cwd=cwd, env=_repo_env(), capture_output=True, text=True, timeout=60)
+                          cwd=cwd, env=_repo_env(), capture_output=True, text=True, timeout=180)
 
 
-def test_cli_cpu_job_translates_the_config(tmp_path):
+def test_cli_cpu_job_hands_the_worker_the_resolved_run_config(tmp_path):
+    """The worker reads the job's run config (no flag table between the YAML and what trains)."""
     (tmp_path / "tiny.yaml").write_text(TINY)
     proc = _cli("--config", "tiny.yaml", "--dry-run", "--output-dir", "job",
                 "train.train_iters=12", cwd=tmp_path)
@@ -329,12 +331,47 @@ def test_cli_cpu_job_translates_the_config(tmp_path):
     assert launch[0] == sys.executable and launch[1] == "-m nemo_lossfree.apps.demo.worker"
     job = tmp_path / "job"
     for expected in ("--arm loss_free", f"--out {job}/results", f"--save {job}/checkpoints",
-                     f"--load {job}/checkpoints", "--save-interval 10", "--steps 12", "--experts 8",
-                     "--layers 2", "--lr 0.003", "--lr-warmup-steps 3", "--seed 7",
-                     # 16 sequences / (2 per micro-batch x 2 ranks) = 4 micro-batches per rank
-                     "--num-micro-batches 4", "--lossfree update_rate=0.01", "--lossfree center=true"):
+                     f"--load {job}/checkpoints", "--save-interval 10", f"--config {job}/run_config.yaml"):
         assert expected in launch, expected
+    assert not any(arg.startswith(("--steps", "--lossfree ", "--experts")) for arg in launch), launch
     assert not (tmp_path / "job").exists()  # --dry-run writes nothing
+
+
+def _worker_settings(monkeypatch, config_file, *overrides, world=2):
+    from nemo_lossfree.apps.demo import worker
+
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    argv = ["--arm", "loss_free", "--out", "/tmp/unused", "--config", str(config_file), *overrides]
+    parser = worker.build_parser()
+    return worker.settings_of(parser, parser.parse_args(argv), argv)
+
+
+def test_the_worker_trains_the_resolved_run_config(tmp_path, monkeypatch):
+    """What the job's file says is what the worker's DemoSettings hold."""
+    from nemo_lossfree.apps.commands.slurm import with_layout
+    from nemo_lossfree.apps.slurm.job import SlurmJob
+    from nemo_lossfree.runconfig.load import load_run_config, save_run_config
+
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    config = load_run_config(tmp_path / "tiny.yaml", ["train.train_iters=12"])
+    layout = SlurmJob(command=["-c", "pass"], nodes=1, gpus_per_node=0, ntasks_per_node=2)
+    save_run_config(with_layout(config, layout), tmp_path / "run_config.yaml")
+    settings, ep = _worker_settings(monkeypatch, tmp_path / "run_config.yaml")
+    assert ep == 2
+    assert (settings.steps, settings.experts, settings.num_layers, settings.lr, settings.lr_warmup_steps,
+            settings.seed) == (12, 8, 2, 0.003, 3, 7)
+    # 16 sequences / (2 per micro-batch x 2 ranks) = 4 micro-batches per rank
+    assert (settings.micro_batch_size, settings.num_micro_batches) == (2, 4)
+    assert settings.lossfree == {"update_rate": 0.01, "center": True}
+
+
+def test_a_cpu_job_refuses_a_model_key_the_demo_would_drop(tmp_path):
+    """model.context_parallel_size: 2 was dropped without a word (the payload guarded a misspelt field)."""
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    proc = _cli("--config", "tiny.yaml", "--dry-run", "model.context_parallel_size=2", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "model.context_parallel_size: the CPU demo's model runs 1 (arm loss_free), got 2" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_cli_gpu_job_runs_the_bridge_entry_point(tmp_path):
@@ -356,7 +393,7 @@ def test_cli_gpu_job_runs_the_bridge_entry_point(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     # A layout Megatron accepts that the CPU worker does not run (validation passes first).
     (["model.tensor_model_parallel_size=2", "model.sequence_parallel=true", "--ntasks-per-node", "4"],
-     "model.tensor_model_parallel_size: the CPU demo worker"),
+     "model.tensor_model_parallel_size: the CPU demo's model runs 1"),
     (["--ntasks-per-node", "3"], "model.expert_model_parallel_size: EP x ETP = 2 x 1 must divide"),
     (["train.global_batch_size=6"], "train.global_batch_size: must be divisible by micro_batch_size x DP"),
     (["--gpus-per-node", "8", "--ntasks-per-node", "3"], "--ntasks-per-node: with GPUs it must be 1"),
@@ -370,21 +407,17 @@ def test_cli_rejects_bad_input_with_the_key(tmp_path, argv, message):
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_the_tiny_cpu_configs_worker_flags_are_exactly_its_lossfree_section():
+def test_the_tiny_cpu_configs_job_trains_exactly_its_lossfree_section(monkeypatch):
     """What validates is what runs: the job's worker reads the YAML's section, nothing merged in.
 
     (The demo once merged its own loss-free defaults into the worker's flags,
     and a job of configs/tiny-cpu.yaml failed with min_update_rate > update_rate.)
     """
     from nemo_lossfree import LossFreeConfig
-    from nemo_lossfree.apps.demo.settings import settings_from_args
-    from nemo_lossfree.apps.demo.worker import build_parser
-    from nemo_lossfree.apps.slurm.payload import load_config, worker_flags
+    from nemo_lossfree.runconfig.load import load_run_config
 
-    config = load_config("configs/tiny-cpu.yaml", [])
-    flags = worker_flags(config, world_size=2)
-    args = build_parser().parse_args(["--arm", "loss_free", "--out", "/tmp/unused", *flags])
-    settings = settings_from_args(args)
+    config = load_run_config(REPO / "configs" / "tiny-cpu.yaml")
+    settings, _ = _worker_settings(monkeypatch, REPO / "configs" / "tiny-cpu.yaml")
     assert settings.lossfree_config == LossFreeConfig.from_dict(config["lossfree"])
 
 
@@ -460,7 +493,7 @@ def test_cli_unwritable_output_dir_is_one_line_naming_the_flag(tmp_path, dry_run
     for out_dir in _unwritable_dirs(tmp_path):
         argv = ["--config", "tiny.yaml", "--output-dir", str(out_dir)] + (["--dry-run"] if dry_run else [])
         proc = subprocess.run([sys.executable, "-m", "nemo_lossfree.apps.cli", "slurm", *argv],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
         assert proc.returncode == 2, (out_dir, proc.stdout, proc.stderr)
         lines = proc.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith(

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from nemo_lossfree import LossFreeConfig
-from nemo_lossfree.update import compute_bias_update, compute_bias_update_with_integral, scheduled_rate
+from nemo_lossfree.update import (
+    MARGIN_BINS,
+    compute_bias_update,
+    compute_bias_update_with_integral,
+    histogram_counts,
+    scheduled_rate,
+)
 
 
 def _counts(layers=3, experts=16, seed=0):
@@ -201,13 +207,31 @@ def test_invalid_rates_are_refused(rate):
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_non_finite_counts_are_refused(bad):
-    # A NaN count gave a zero step without a word; the caller must hear of it.
+def test_non_finite_counts_keep_that_layers_bias_and_state(bad):
+    # Raising here needed a host read of every step's counts (a GPU sync per
+    # step); the layer keeps its bias and state instead, decided on the device.
+    from nemo_lossfree.update import apply_update, update_state
+
     counts = torch.tensor([[10.0, 30.0, 20.0, 20.0], [1.0, 2.0, 3.0, 4.0]])
     counts[1, 2] = bad
-    bias = torch.zeros(2, 4)
+    bias = torch.randn(2, 4, generator=torch.Generator().manual_seed(3))
     for rule in ("sign", "proportional"):
-        with pytest.raises(ValueError, match=r"^counts: must be finite"):
-            compute_bias_update(counts, bias, rate=1e-3, rule=rule)
-    with pytest.raises(ValueError, match=r"^counts: must be finite"):
-        compute_bias_update_with_integral(counts, bias, torch.zeros(2, 4), rate=1e-3, gain=0.5, decay=0.9)
+        new = compute_bias_update(counts, bias, rate=1e-3, rule=rule, center=True)
+        assert torch.equal(new[1], bias[1])
+        assert torch.equal(new[0], compute_bias_update(counts[:1], bias[:1], rate=1e-3, rule=rule, center=True)[0])
+    integral = torch.full((2, 4), 0.25)
+    new, new_integral = compute_bias_update_with_integral(counts, bias, integral, rate=1e-3, gain=0.5, decay=0.9)
+    assert torch.equal(new[1], bias[1]) and torch.equal(new_integral[1], integral[1])
+    assert not torch.equal(new[0], bias[0]) and not torch.equal(new_integral[0], integral[0])
+    # The quantile rule and the adaptive gain: a non-finite histogram entry counts too.
+    histogram = torch.zeros(2, 4, 2, MARGIN_BINS)
+    histogram[:, :, 0, 0] = 5.0
+    histogram[:, :, 1, 0] = -1.0
+    finite_counts = histogram_counts(histogram)
+    histogram[1, 0, 1, 3] = bad
+    for config in (LossFreeConfig(), LossFreeConfig(schedule="adaptive")):
+        state = update_state(config, 2, 4)
+        new, new_state, _ = apply_update(config, 0, finite_counts, bias, state, histogram)
+        assert torch.equal(new[1], bias[1])
+        assert all(torch.equal(new_state[key][1], state[key][1]) for key in state)
+        assert torch.isfinite(new).all()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nemo_lossfree.apps import cli
-from nemo_lossfree.runconfig.load import RunConfigError, load_run_config, parse_scalar
+from nemo_lossfree.runconfig.load import RunConfigError, load_run_config
 from nemo_lossfree.runconfig.validate import find_problems
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
@@ -65,7 +65,7 @@ BAD_VARIANTS = [
      "model.moe_router_num_groups: must divide num_moe_experts"),
     (["model.moe_router_group_topk=2"], "model.moe_router_num_groups: required"),
     (["model.moe_router_enable_expert_bias=true"],
-     "model.moe_router_enable_expert_bias: must be false when lossfree.enabled is true"),
+     "model.moe_router_enable_expert_bias: must be false (or None, 0) with lossfree.enabled, got True"),
     (["lossfree.enabled=false", "model.moe_router_score_function=softmax",
       "model.moe_router_enable_expert_bias=true"],
      "model.moe_router_enable_expert_bias: Megatron-Core refuses expert bias"),
@@ -91,18 +91,50 @@ def test_aux_loss_next_to_lossfree_is_a_warning_not_an_error(capsys):
 
 
 def test_overrides_are_typed_like_yaml_1_2():
-    assert parse_scalar("1e-3") == 1e-3  # PyYAML alone would give the string "1e-3"
-    assert parse_scalar("true") is True
-    assert parse_scalar("null") is None
-    assert parse_scalar("4") == 4
-    assert parse_scalar("[0, 1, 1]") == [0, 1, 1]
-    assert parse_scalar("sign") == "sign"
     config = load_run_config(TINY, ["lossfree.enabled=false", "model.num_layers=4",
-                                    "optimizer.lr=3e-4", "+logger.log_interval=1"])
+                                    "optimizer.lr=3e-4", "+logger.log_interval=1", "model.moe_layer_freq=[0, 1]",
+                                    "checkpoint.save=null", "model.moe_router_score_function=sigmoid"])
     assert config["lossfree"]["enabled"] is False
     assert config["model"]["num_layers"] == 4
-    assert config["optimizer"]["lr"] == 3e-4
+    assert config["optimizer"]["lr"] == 3e-4  # PyYAML alone would give the string "3e-4"
     assert config["logger"] == {"log_interval": 1}
+    assert config["model"]["moe_layer_freq"] == [0, 1]
+    assert config["checkpoint"]["save"] is None
+    assert config["model"]["moe_router_score_function"] == "sigmoid"
+
+
+def test_typed_sections_are_typed_by_their_dataclass_and_keep_only_the_keys_given():
+    """``lossfree`` is LossFreeConfig's schema, ``cluster`` ClusterSection's: OmegaConf converts or refuses."""
+    config = load_run_config(None, ["lossfree.update_rate=0.5", "lossfree.center=off",
+                                    "lossfree.integral_decay=0", "cluster.nodes=2"])
+    assert config == {"lossfree": {"update_rate": 0.5, "center": False, "integral_decay": 0.0},
+                      "cluster": {"nodes": 2}}
+    assert type(config["lossfree"]["integral_decay"]) is float
+    with pytest.raises(RunConfigError, match=r"^lossfree.update_rate: Value 'abc' of type 'str' could not be "
+                                             r"converted to Float \(in override 'lossfree.update_rate=abc'\)$"):
+        load_run_config(TINY, ["lossfree.update_rate=abc"])
+    with pytest.raises(RunConfigError, match=r"^cluster.nodes: .*could not be converted to Integer"):
+        load_run_config(TINY, ["cluster.nodes=1.5"])
+
+
+def test_an_unknown_key_names_the_key_and_where_it_came_from(tmp_path):
+    with pytest.raises(RunConfigError, match=r"^lossfree.rate: unknown key in override 'lossfree.rate=1'; "
+                                             r"allowed keys are center, "):
+        load_run_config(TINY, ["lossfree.rate=1"])
+    path = tmp_path / "c.yaml"
+    path.write_text("lossfree:\n  rate: 1\n")
+    with pytest.raises(RunConfigError, match=rf"^lossfree.rate: unknown key in {path}; allowed keys are "):
+        load_run_config(path)
+
+
+def test_interpolation_is_resolved(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  hidden_size: 64\n  ffn_hidden_size: ${model.hidden_size}\n")
+    assert load_run_config(path)["model"]["ffn_hidden_size"] == 64
+    path.write_text("model:\n  ffn_hidden_size: ${model.hiden_size}\n")
+    with pytest.raises(RunConfigError, match=rf"^model.ffn_hidden_size: Interpolation key 'model.hiden_size' "
+                                             rf"not found \(in {path}\)"):
+        load_run_config(path)
 
 
 def test_yaml_file_floats_without_a_dot_are_numbers(tmp_path):
@@ -210,7 +242,7 @@ def test_oversized_file_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
     def no_parse(*args, **kwargs):
         raise AssertionError("an oversized file was handed to the YAML parser")
 
-    monkeypatch.setattr(load._Yaml12Loader, "__init__", no_parse)
+    monkeypatch.setattr(load.OmegaConf, "create", no_parse)
     with pytest.raises(RunConfigError, match=r"must be at most 1 MiB"):
         load_run_config(path)
 

@@ -4,8 +4,11 @@
 # (torch and megatron-core come from there through a .pth; the Bridge packages
 # are pinned in tests/_support/bridge_lane/requirements-bridge-lane.txt), then runs
 # tests/_support/bridge_lane/lane_checks.py through the stand-in runner: the flag puts
-# LossFreeRouter into a recipe's model, and configs/tiny-cpu.yaml trains 4 steps
-# on 2 CPU processes through Bridge's own pretrain() with the bias moving.
+# LossFreeRouter into a recipe's model (and takes over a recipe's own expert
+# bias), every configs/*.yaml merges onto its real recipe and passes Bridge's
+# validation, configs/tiny-cpu.yaml trains 4 steps on 2 CPU processes through
+# Bridge's own pretrain() with the bias moving, and a tiny DeepSeek-V3 model
+# exported to Hugging Face picks the same experts in transformers.
 # Transformer Engine / nvidia-resiliency-ext are import stand-ins (no CPU wheel /
 # broken import); see tests/_support/bridge_lane/import_stand_ins.py and bridge_on_cpu.py.
 set -euo pipefail

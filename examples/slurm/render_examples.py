@@ -49,8 +49,8 @@ def job_for(config_path: Path) -> SlurmJob:
                         log_dir="logs", **GPU_SITE)
     tasks = cluster.get("tasks_per_node") or 2
     run_dir = f"runs/slurm/{name}"
-    world = nodes * tasks
-    command = payload.cpu_worker_command(config, world_size=world, results_dir=f"{run_dir}/results",
+    # The config laid out for this job already: the worker reads the file itself.
+    command = payload.cpu_worker_command(config, config_file=rel, results_dir=f"{run_dir}/results",
                                          checkpoint_dir=f"{run_dir}/checkpoints")
     return SlurmJob(command=command, nodes=nodes, gpus_per_node=0, ntasks_per_node=tasks,
                     job_name=name, log_dir="logs", python=".venv/bin/python", signal_seconds=60)

@@ -13,6 +13,8 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
+from nemo_lossfree.exit_codes import EXIT_USAGE
+
 # name -> one-line help; the module nemo_lossfree.apps.commands.<name> implements it.
 COMMANDS = {
     "demo": "train a small Megatron-Core MoE on the CPU: loss-free balancing vs the alternatives",
@@ -47,13 +49,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     try:
         module = _module(args.command)
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith("nemo_lossfree.apps.commands"):
             print(f"nemo-lossfree {args.command}: not available in this build", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
         raise
     return int(module.run(args) or 0)
 

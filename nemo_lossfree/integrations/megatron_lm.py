@@ -26,10 +26,12 @@ What the hooks do:
     already set, so the update runs inside ``finalize_model_grads``);
 (c) every ``--tensorboard-log-interval`` iterations the balancer's
     ``lossfree/...`` metrics go to Megatron's TensorBoard and W&B writers;
-(d) the expert biases are persistent buffers, so Megatron's checkpoints carry
-    them; the balancer's step (which drives the rate schedule) is taken from
-    ``args.iteration`` on the first step after a resume, unless a saved
-    ``state_dict()`` was restored with ``load_state_dict()``.
+(d) the expert biases and the balancer's state (step counter, drift
+    integral, adaptive gain: each router's ``_extra_state``) are model state,
+    so Megatron's checkpoints carry them and a resume continues bit for bit;
+    a checkpoint without that state (Megatron-Core's own expert bias, older
+    versions) continues the rate schedule from ``args.iteration``, with a
+    warning.
 """
 
 from __future__ import annotations
@@ -40,21 +42,59 @@ import dataclasses
 import functools
 from typing import Any, Callable, Optional
 
-from nemo_lossfree.config import DEFAULT_RATES, SCHEDULES, UPDATE_RULES, LossFreeConfig
+from nemo_lossfree import compat
+from nemo_lossfree.config import LossFreeConfig
 
 LOSS_FREE = "loss_free"
 BALANCING_TYPE_DEST = "moe_router_load_balancing_type"
 # LossFreeConfig fields that are not flags (``enabled`` is --lossfree / loss_free).
 _NOT_FLAGS = ("enabled",)
-_CHOICES = {"update_rule": UPDATE_RULES, "schedule": SCHEDULES}
+PREFIX = "lossfree_"
 
 
 def _flag(name: str) -> str:
-    return "--lossfree-" + name.replace("_", "-")
+    return "--" + (PREFIX + name).replace("_", "-")
 
 
-def _optional_int(text: str) -> Optional[int]:
-    return None if text.lower() in ("none", "null") else int(text)
+def lossfree_argument_factory():
+    """Megatron's ``ArgumentGroupFactory`` over ``LossFreeConfig``, named ``--lossfree-<field>``.
+
+    The flags, their types (from the annotations), defaults, choices
+    (``argparse_meta``) and help (the field docstrings) come from the
+    dataclass, as Megatron-LM's own config dataclasses become its flags. Ours
+    carry a prefix, in the flag and in ``args`` (``args.lossfree_update_rate``),
+    so no field can collide with one of Megatron-LM's. A bool field that
+    defaults to true gets Megatron's ``--no-*`` / ``--disable-*`` form.
+    """
+    try:
+        from megatron.training.argument_utils import ArgumentGroupFactory
+    except ImportError as exc:  # megatron.training is Megatron-LM's (the megatron-core wheel has it from 0.17)
+        raise ImportError(
+            "nemo_lossfree.integrations.megatron_lm: needs megatron.training.argument_utils "
+            f"(Megatron-LM, or the megatron-core wheel >= 0.17): {exc}"
+        ) from None
+
+    class LossFreeArgumentGroupFactory(ArgumentGroupFactory):
+        def _format_arg_name(self, config_attr_name: str, prefix: Optional[str] = None) -> str:
+            return super()._format_arg_name(PREFIX + config_attr_name, prefix)
+
+        def _build_argparse_kwargs_from_field(self, attribute):
+            kwargs = super()._build_argparse_kwargs_from_field(attribute)
+            kwargs["dest"] = PREFIX + attribute.name
+            return kwargs
+
+        def build_group(self, parser, title=None):
+            group = super().build_group(parser, title=title)
+            # The documented ``--[no-]lossfree-center``: Megatron's form has only
+            # the negative flags for a bool that defaults to true; the positive
+            # one states the default explicitly (no default of its own).
+            for f in dataclasses.fields(LossFreeConfig):
+                if f.name not in _NOT_FLAGS and f.type is bool and f.default is True:
+                    group.add_argument(_flag(f.name), dest=PREFIX + f.name, action="store_true",
+                                       default=argparse.SUPPRESS, help=f"Keep {_flag(f.name)} on (the default).")
+            return group
+
+    return LossFreeArgumentGroupFactory(LossFreeConfig, exclude=list(_NOT_FLAGS))
 
 
 def _allow_loss_free_balancing_type(parser: argparse.ArgumentParser) -> None:
@@ -81,19 +121,8 @@ def normalize_args(args: argparse.Namespace) -> argparse.Namespace:
             rest = ["none"]
         setattr(args, BALANCING_TYPE_DEST, rest if isinstance(types, list) else rest[0])
     if getattr(args, "lossfree", False):
-        if getattr(args, "moe_router_enable_expert_bias", False):
-            raise ValueError(
-                "--moe-router-enable-expert-bias: must be off with loss-free balancing "
-                "(the balancer owns the expert-bias update); use --lossfree-update-rate instead"
-            )
-        remaining = getattr(args, BALANCING_TYPE_DEST, None)
-        remaining = remaining if isinstance(remaining, list) else [remaining]
-        for bad in ("sinkhorn", "quantile_balancing"):
-            if bad in remaining:
-                raise ValueError(
-                    f"--moe-router-load-balancing-type: {bad} cannot be combined with loss_free; "
-                    "use none, aux_loss, seq_aux_loss or global_aux_loss"
-                )
+        compat.refuse_upstream_expert_bias(args, "--lossfree (loss_free balancing)", compat.flag)
+        compat.refuse_unsupported_balancing(args, compat.flag)
         lossfree_config_from_args(args)  # validate the --lossfree-* values now
     return args
 
@@ -104,32 +133,10 @@ def add_lossfree_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     The returned parser normalises its result right after parsing (see
     ``normalize_args``), before Megatron's ``validate_args`` sees it.
     """
-    group = parser.add_argument_group(title="loss-free load balancing (nemo_lossfree)")
+    group = lossfree_argument_factory().build_group(parser, title="loss-free load balancing (nemo_lossfree)")
     group.add_argument("--lossfree", action="store_true",
                        help="Enable auxiliary-loss-free load balancing (LossFreeRouter + "
                             "LossFreeBalancer); same as --moe-router-load-balancing-type loss_free.")
-    for f in dataclasses.fields(LossFreeConfig):
-        if f.name in _NOT_FLAGS:
-            continue
-        # The declared default (update_rate's None means "the rule's own").
-        default = f.default
-        help_text = f"LossFreeConfig.{f.name} (default: {default})."
-        if f.name == "update_rate":
-            help_text = ("LossFreeConfig.update_rate (default: the rule's: "
-                         + ", ".join(f"{rule} {rate:g}" for rule, rate in DEFAULT_RATES.items()) + ").")
-        if f.type == "bool":
-            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,
-                               default=default, help=help_text)
-        elif f.name in _CHOICES:
-            group.add_argument(_flag(f.name), choices=_CHOICES[f.name], default=default, help=help_text)
-        elif f.type in ("float", "Optional[float]"):
-            group.add_argument(_flag(f.name), type=float, default=default, help=help_text)
-        elif f.type == "int":
-            group.add_argument(_flag(f.name), type=int, default=default, help=help_text)
-        elif f.type == "Optional[int]":
-            group.add_argument(_flag(f.name), type=_optional_int, default=default, help=help_text)
-        else:  # a new field must get a flag deliberately
-            raise TypeError(f"LossFreeConfig.{f.name}: no flag mapping for type {f.type!r}")
     _allow_loss_free_balancing_type(parser)
 
     parse_known_args = parser.parse_known_args
@@ -153,8 +160,8 @@ def lossfree_config_from_args(args: argparse.Namespace) -> LossFreeConfig:
     for f in dataclasses.fields(LossFreeConfig):
         if f.name in _NOT_FLAGS:
             continue
-        if hasattr(args, "lossfree_" + f.name):
-            values[f.name] = getattr(args, "lossfree_" + f.name)
+        if hasattr(args, PREFIX + f.name):
+            values[f.name] = getattr(args, PREFIX + f.name)
     try:
         return LossFreeConfig(enabled=bool(getattr(args, "lossfree", False)), **values)
     except ValueError as exc:
@@ -202,65 +209,26 @@ class MegatronLMLossFree:
         self.chunks: list[Any] = []
         self.balancer = None
         self.transformer_config = None
-        self._synced_with_iteration = False
-        self._restored = False
 
     # (b) ---------------------------------------------------------------
     def add_chunk(self, model_chunk) -> None:
-        """Rebuild the balancer over all chunks so far and attach it (keeps its step)."""
+        """Rebuild the balancer over all chunks so far and attach it (its step is the routers')."""
         from nemo_lossfree.balancer import LossFreeBalancer
 
         self.chunks.append(model_chunk)
-        steps_done = self.balancer.steps_done if self.balancer is not None else 0
         if self.transformer_config is None:
             self.transformer_config = model_chunk.config
-        self._detach()
         self.balancer = LossFreeBalancer(self.chunks, self.config)
-        self.balancer.steps_done = steps_done
-        self.balancer.attach(self.transformer_config)
-        attached = self.transformer_config.finalize_model_grads_func
-
-        @functools.wraps(attached)
-        def finalize_model_grads_and_log(*args, **kwargs):
-            self._sync_step_with_iteration()
-            out = attached(*args, **kwargs)
-            self._log(self.balancer.last_metrics)
-            return out
-
-        finalize_model_grads_and_log._lossfree_owner = self  # type: ignore[attr-defined]
-        self.transformer_config.finalize_model_grads_func = finalize_model_grads_and_log
-
-    def _detach(self) -> None:
-        """Undo our wrappers (and the balancer's) on the config, back to the original function."""
-        cfg = self.transformer_config
-        func = getattr(cfg, "finalize_model_grads_func", None)
-        while func is not None and (getattr(func, "_lossfree_owner", None) is self
-                                    or getattr(func, "_lossfree_balancer", None) is not None):
-            func = func.__wrapped__
-        if cfg is not None:
-            cfg.finalize_model_grads_func = func
-
-    # (d) ---------------------------------------------------------------
-    def _sync_step_with_iteration(self) -> None:
-        if self._synced_with_iteration:
-            return
-        self._synced_with_iteration = True
-        if self._restored:
-            return
-        iteration = getattr(_megatron_args(), "iteration", 0) or 0
-        if self.balancer.steps_done == 0 and iteration > 0:
-            # Resumed from a Megatron-LM checkpoint: one balancer step per iteration.
-            self.balancer.steps_done = int(iteration)
-            from nemo_lossfree.balancer import warn_integral_restarts
-
-            warn_integral_restarts(self.balancer)
+        # (d) Megatron-LM loads its checkpoint after the model is built: the
+        # iteration is read only if that checkpoint lacked the balancer state.
+        self.balancer.attach(self.transformer_config, on_metrics=self._log,
+                             resume_iteration=lambda: getattr(_megatron_args(), "iteration", 0))
 
     def state_dict(self) -> dict:
         return self.balancer.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         self.balancer.load_state_dict(state)
-        self._restored = True
 
     # (c) ---------------------------------------------------------------
     def _log(self, metrics: dict) -> None:
@@ -331,6 +299,8 @@ def wrap_model_provider(model_provider: Callable, args: Optional[argparse.Namesp
 def reset() -> None:
     """Forget the process's balancer (tests; a second model in one process)."""
     global _STATE
-    if _STATE is not None:
-        _STATE._detach()
+    if _STATE is not None and _STATE.transformer_config is not None:
+        from nemo_lossfree.balancer import detach
+
+        detach(_STATE.transformer_config)
     _STATE = None

@@ -1,34 +1,57 @@
-"""Load a run config (YAML file + ``key=value`` overrides) into a plain dict.
+"""Load a run config (YAML file + ``a.b=value`` overrides) through OmegaConf, into a plain dict.
 
 The file layout follows Megatron-Bridge's ``ConfigContainer`` section names
 (``model``, ``train``, ``optimizer``, ``checkpoint``, ...), so the same file
-works as a Bridge ``--config-file``, plus two sections of ours:
+works as a Bridge ``--config-file``, plus sections of ours:
 
 - ``cluster``: the layout the file is written for (``nodes``,
   ``gpus_per_node`` (0 = CPU processes with gloo), ``tasks_per_node``).
-- ``lossfree``: ``LossFreeConfig`` fields plus ``enabled``.
+- ``lossfree``: ``LossFreeConfig`` fields (``enabled`` included).
+- ``demo``: what only the CPU demo worker reads (``nemo_lossfree.apps.demo.run_config``).
 
-Values are typed like OmegaConf/Hydra do (YAML 1.2 scalars): ``1e-3`` is a
-float here, where PyYAML's YAML 1.1 rules would read a string. The result is a
-plain ``dict``; no framework is imported.
+OmegaConf does what Megatron-Bridge does with the same files: YAML 1.2
+scalars (``1e-3`` is a float), a key stated twice in one mapping refused,
+``${...}`` interpolation, dotted overrides typed like YAML values, and the
+typed sections (``cluster``, ``lossfree``) merged into their dataclasses, which
+refuse unknown keys and convert or refuse values (``"0.5"`` -> 0.5 for a
+float field, ``abc`` refused). The result is a plain ``dict`` holding the
+keys the file and the overrides state (no defaults filled in); values are
+checked against the rules by ``validate``.
 
-``read_yaml_file`` is the one place a run-config file is read (the
-``validate-config``, ``slurm`` and Bridge entry points all come through
-``load_run_config``); every problem with the file itself is one
-``RunConfigError`` line naming it.
+``load_run_config`` is the one reader of run-config files (``validate-config``,
+``slurm``, the demo worker and the Bridge entry point come through it); every
+problem is one ``RunConfigError`` line naming the key (and where it came
+from) or the file.
 """
 
 from __future__ import annotations
 
-import copy
-import re
+import dataclasses
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from nemo_lossfree.config import LossFreeConfig
+
+
+@dataclasses.dataclass
+class ClusterSection:
+    """The layout a run config is written for."""
+
+    nodes: Optional[int] = None
+    #: 0: CPU processes with gloo.
+    gpus_per_node: Optional[int] = None
+    #: Ranks per node; default: one per GPU (CPU runs must say).
+    tasks_per_node: Optional[int] = None
+
+
+#: Our sections with a schema (a dataclass that types and checks their keys).
+TYPED_SECTIONS: dict[str, type] = {"cluster": ClusterSection, "lossfree": LossFreeConfig}
 #: Our sections, then Megatron-Bridge 0.6's ConfigContainer fields.
-OUR_SECTIONS = ("cluster", "lossfree")
+OUR_SECTIONS = ("cluster", "lossfree", "demo")
 BRIDGE_SECTIONS = (
     "model", "train", "optimizer", "scheduler", "dataset", "logger", "tokenizer",
     "checkpoint", "dist", "ddp", "rng", "validation", "rerun_state_machine", "ft",
@@ -36,11 +59,11 @@ BRIDGE_SECTIONS = (
     "mixed_precision", "tensor_inspect", "inprocess_restart", "env_vars",
 )
 SECTIONS = OUR_SECTIONS + BRIDGE_SECTIONS
-
-CLUSTER_KEYS = ("nodes", "gpus_per_node", "tasks_per_node")
+#: Bridge sections that may be a plain value (a recipe name such as "bf16_mixed").
+SCALAR_SECTIONS = ("mixed_precision", "env_vars")
 
 #: The largest run-config file read. The shipped configs are a few KiB;
-#: PyYAML needs ~100 s and ~2 GB for a 27 MB file, so a bigger one is a
+#: YAML parsers need ~100 s and ~2 GB for a 27 MB file, so a bigger one is a
 #: mistake (a checkpoint or a log passed as the config) to refuse, not parse.
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -57,103 +80,75 @@ class ConfigFileError(RunConfigError):
     """
 
 
-class _Yaml12Loader(yaml.SafeLoader):
-    """SafeLoader whose floats follow YAML 1.2 (``1e-3``, ``-2E5``), like OmegaConf."""
-
-
-_Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Yaml12Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def parse_yaml(text: str) -> Any:
-    """Parse YAML text with YAML 1.2 float rules."""
-    return yaml.load(text, Loader=_Yaml12Loader)
-
-
+# ------------------------------------------------------------------ the file
 def _mark(mark: Any) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}"
 
 
-def _yaml_error_line(path: Path, text: str, exc: yaml.YAMLError) -> str:
-    """One line for a PyYAML error: the file and line first, PyYAML's words after.
+def _duplicate_key(path: Path, text: str, exc: yaml.MarkedYAMLError) -> Optional[RunConfigError]:
+    """Name the key and both lines of OmegaConf's "found duplicate key" refusal.
 
-    PyYAML's own message is several lines and names the input
+    OmegaConf's loader refuses the second key (PyYAML alone would keep the
+    last without a word, so a second ``lossfree:`` section would replace the
+    first); its message points at the line but not the dotted key or the
+    first line, which are found in the composed (not constructed) document.
+    """
+    where = exc.problem_mark
+    if where is None or not str(exc.problem).startswith("found duplicate key"):
+        return None
+
+    def find(node: yaml.Node, keys: tuple[str, ...]) -> Optional[tuple[str, int]]:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key_node, value_node in node.value:
+                name = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+                if (key_node.start_mark.line, key_node.start_mark.column) == (where.line, where.column):
+                    return ".".join(keys + (name,)), first.get(name, where.line) + 1
+                first.setdefault(name, key_node.start_mark.line)
+                found = find(value_node, keys + (name,))
+                if found:
+                    return found
+        elif isinstance(node, yaml.SequenceNode):
+            parent = keys[-1] if keys else ""
+            for index, item in enumerate(node.value):
+                found = find(item, keys[:-1] + (f"{parent}[{index}]",))
+                if found:
+                    return found
+        return None
+
+    found = find(yaml.compose(text, Loader=yaml.SafeLoader), ())
+    if found is None:
+        return None
+    dotted, first_line = found
+    return RunConfigError(
+        f"{dotted}: duplicate key in {path} (lines {first_line} and {where.line + 1}); "
+        "YAML would keep only the last, remove one"
+    )
+
+
+def _yaml_error(path: Path, text: str, exc: yaml.YAMLError) -> RunConfigError:
+    """One line for a YAML error: the file and line first, the parser's words after.
+
+    The parser's own message is several lines and names the input
     ``"<unicode string>"``; the file name and the line are what a user needs.
     """
     if isinstance(exc, yaml.MarkedYAMLError) and (exc.problem_mark or exc.context_mark):
+        duplicate = _duplicate_key(path, text, exc)
+        if duplicate is not None:
+            return duplicate
         where = exc.problem_mark or exc.context_mark
         what = exc.problem or exc.context or "syntax error"
         if exc.context and exc.problem and exc.context_mark is not None:
             what += f" ({exc.context} started at {_mark(exc.context_mark)})"
-        return f"{path}: {_mark(where)}: not valid YAML: {what}"
+        return ConfigFileError(f"{path}: {_mark(where)}: not valid YAML: {what}")
     if isinstance(exc, yaml.reader.ReaderError):
         line = text.count("\n", 0, exc.position) + 1
-        return (f"{path}: line {line}: not valid YAML: control character #x{exc.character:02x} "
-                "is not allowed")
-    return f"{path}: not valid YAML: {' '.join(str(exc).split())}"
+        return ConfigFileError(f"{path}: line {line}: not valid YAML: control character "
+                               f"#x{exc.character:02x} is not allowed")
+    return ConfigFileError(f"{path}: not valid YAML: {' '.join(str(exc).split())}")
 
 
-def _check_duplicate_keys(node: yaml.Node, path: Path, keys: tuple[str, ...] = (),
-                          seen: Optional[set[int]] = None) -> None:
-    """Refuse a mapping that states a key twice, at any depth.
-
-    PyYAML keeps the last of two equal keys without a word, so a second
-    ``lossfree:`` section would silently replace the first. Keys merged in
-    with ``<<: *anchor`` may be overridden: that is YAML's merge, not a
-    duplicate.
-    """
-    seen = set() if seen is None else seen
-    if id(node) in seen:  # an alias: checked where its anchor is
-        return
-    seen.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        lines: dict[tuple[str, str], int] = {}
-        for key_node, value_node in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                _check_duplicate_keys(value_node, path, keys, seen)
-                continue
-            name = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
-            identity = (key_node.tag, name)  # the tag: 1 and "1" are different keys
-            if name != "?" and identity in lines:
-                dotted = ".".join(keys + (name,))
-                raise RunConfigError(
-                    f"{dotted}: duplicate key in {path} (lines {lines[identity]} and "
-                    f"{key_node.start_mark.line + 1}); YAML would keep only the last, remove one"
-                )
-            lines[identity] = key_node.start_mark.line + 1
-            _check_duplicate_keys(value_node, path, keys + (name,), seen)
-    elif isinstance(node, yaml.SequenceNode):
-        parent = keys[-1] if keys else ""
-        for index, item in enumerate(node.value):
-            _check_duplicate_keys(item, path, keys[:-1] + (f"{parent}[{index}]",), seen)
-
-
-def read_yaml_file(path: Union[str, Path]) -> Any:
-    """The parsed YAML of a run-config file; any problem is one line.
-
-    ``ConfigFileError``, starting with the path: a missing or unreadable
-    path, a directory, more than ``MAX_CONFIG_BYTES`` (checked before
-    parsing: PyYAML's time and memory grow far faster than the file), bytes
-    that are not UTF-8, YAML syntax errors (with the line and column),
-    nesting deeper than Python's recursion limit.
-    ``RunConfigError``, starting with the dotted key and naming the file: a
-    key stated twice in one mapping.
-    """
-    path = Path(path)
+def _read_text(path: Path) -> str:
     try:
         with open(path, "rb") as handle:
             data = handle.read(MAX_CONFIG_BYTES + 1)  # not read(): /dev/zero never ends
@@ -170,40 +165,56 @@ def read_yaml_file(path: Union[str, Path]) -> Any:
             f"{path}: must be at most 1 MiB ({MAX_CONFIG_BYTES} bytes) to be a run config, got {size}"
         )
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise ConfigFileError(
             f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); "
             "a run config is a YAML text file"
         ) from None
+
+
+def _plain(config: Any, origin: str) -> Any:
+    """OmegaConf's container as plain dicts and lists, interpolations resolved."""
     try:
-        loader = _Yaml12Loader(text)  # checks for unprintable characters already
-        try:
-            node = loader.get_single_node()
-            if node is None:
-                return None
-            _check_duplicate_keys(node, path)
-            return loader.construct_document(node)
-        finally:
-            loader.dispose()
+        return OmegaConf.to_container(config, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise RunConfigError(f"{exc.full_key}: {_reason(exc)} (in {origin})") from None
+
+
+def read_yaml_file(path: Union[str, Path]) -> Any:
+    """The YAML of a run-config file (OmegaConf's reading, as plain containers); any problem is one line.
+
+    ``ConfigFileError``, starting with the path: a missing or unreadable
+    path, a directory, more than ``MAX_CONFIG_BYTES`` (checked before
+    parsing: a parser's time and memory grow far faster than the file), bytes
+    that are not UTF-8, YAML syntax errors (with the line and column),
+    nesting deeper than Python's recursion limit, a top level that is no mapping.
+    ``RunConfigError``, starting with the dotted key and naming the file: a
+    key stated twice in one mapping.
+    """
+    path = Path(path)
+    text = _read_text(path)
+    try:
+        loaded = OmegaConf.create(text)
     except yaml.YAMLError as exc:
-        raise ConfigFileError(_yaml_error_line(path, text, exc)) from None
-    except RecursionError:  # PyYAML composes and constructs recursively
+        raise _yaml_error(path, text, exc) from None
+    except RecursionError:  # the parser and OmegaConf both recurse
         raise ConfigFileError(f"{path}: not valid YAML for a run config: nested too deeply") from None
+    except (AssertionError, OmegaConfBaseException):  # a bare scalar at the top
+        loaded = None
+    if not OmegaConf.is_dict(loaded):
+        raise ConfigFileError(f"{path}: the top level must be a mapping of sections")
+    return _plain(loaded, str(path))
 
 
-def parse_scalar(text: str) -> Any:
-    """Type one override value: ``true`` -> True, ``1e-3`` -> 0.001, ``null`` -> None, ``[1,2]`` -> list."""
-    if text == "":
-        return ""
-    try:
-        return parse_yaml(text)
-    except yaml.YAMLError:
-        return text
+# ---------------------------------------------------------------- sections
+def _reason(exc: OmegaConfBaseException) -> str:
+    """OmegaConf's message without its ``full_key:``/``object_type=`` lines."""
+    return str(exc).split("\n")[0].strip()
 
 
-def _check_sections(config: Mapping[str, Any], origin: str) -> None:
+def _check_section_names(config: Mapping[str, Any], origin: str) -> None:
     for key in config:
         if key not in SECTIONS:
             raise RunConfigError(
@@ -211,30 +222,67 @@ def _check_sections(config: Mapping[str, Any], origin: str) -> None:
             )
 
 
-def apply_override(config: dict, override: str) -> None:
-    """Apply one ``a.b.c=value`` override in place (Hydra's ``+a.b=value`` is accepted too)."""
-    if "=" not in override:
-        raise RunConfigError(f"{override}: an override must look like section.key=value")
-    dotted, _, raw = override.partition("=")
+def typed_section(name: str, values: Any, origin: str) -> Optional[dict[str, Any]]:
+    """One typed section, merged into its dataclass by OmegaConf: the keys given, typed.
+
+    Unknown keys and values that cannot be the field's type are refused,
+    naming ``<section>.<key>`` and ``origin``; the values themselves (ranges,
+    relations between fields) are the dataclass's to check.
+    """
+    if values is None:
+        return None
+    schema = TYPED_SECTIONS[name]
+    if not isinstance(values, Mapping):
+        raise RunConfigError(f"{name}: must be a mapping of {schema.__name__} fields, got {values!r} "
+                             f"(in {origin})")
+    fields = [f.name for f in dataclasses.fields(schema)]
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(schema), dict(values))
+    except ConfigKeyError as exc:
+        raise RunConfigError(
+            f"{name}.{exc.full_key}: unknown key in {origin}; allowed keys are {', '.join(sorted(fields))}"
+        ) from None
+    except OmegaConfBaseException as exc:
+        raise RunConfigError(f"{name}.{exc.full_key}: {_reason(exc)} (in {origin})") from None
+    return {key: typed[key] for key in values}
+
+
+def _check_sections(config: dict[str, Any], origin: str) -> None:
+    """Section names known, sections mappings, typed sections typed (in place)."""
+    _check_section_names(config, origin)
+    for key, value in config.items():
+        if key in TYPED_SECTIONS:
+            config[key] = typed_section(key, value, origin)
+        elif value is not None and not isinstance(value, dict) and key not in SCALAR_SECTIONS:
+            raise RunConfigError(f"{key}: must be a mapping of keys, got {value!r} (in {origin})")
+
+
+# --------------------------------------------------------------- overrides
+def _override(config: dict[str, Any], override: str) -> tuple[str, Any]:
+    """``(dotted key, typed value)`` of one ``a.b.c=value`` (Hydra's ``+a.b=value`` too)."""
+    dotted, sep, raw = override.partition("=")
     dotted = dotted.strip().lstrip("+")
     parts = dotted.split(".")
-    if not dotted or any(not p for p in parts):
+    if not sep or not dotted or any(not p for p in parts):
         raise RunConfigError(f"{override}: an override must look like section.key=value")
     if parts[0] not in SECTIONS:
         raise RunConfigError(
             f"{parts[0]}: unknown section in override {override!r}; allowed sections are "
             f"{', '.join(SECTIONS)}"
         )
-    node = config
+    node: Any = config
     for depth, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif not isinstance(child, dict):
+        node = node.get(part) if isinstance(node, dict) else None
+        if node is not None and not isinstance(node, dict):
             key = ".".join(parts[: depth + 1])
-            raise RunConfigError(f"{key}: is {child!r}, not a section; cannot set {dotted}")
-        node = child
-    node[parts[-1]] = parse_scalar(raw.strip())
+            raise RunConfigError(f"{key}: is {node!r}, not a section; cannot set {dotted}")
+    try:
+        # OmegaConf's dotlist: the value typed like YAML (1e-3, true, null, [0, 1]).
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"x={raw.strip()}"]))["x"]
+    except (yaml.YAMLError, OmegaConfBaseException) as exc:
+        raise RunConfigError(f"{dotted}: value {raw!r} is not a YAML value: "
+                             f"{' '.join(str(exc).split())}") from None
+    return dotted, value
 
 
 def load_run_config(
@@ -244,29 +292,24 @@ def load_run_config(
     """Read ``path`` (may be None: overrides only), apply ``overrides``, return a dict.
 
     Raises ``RunConfigError`` (a ``ValueError``), one line: naming the file
-    for problems with the file (``read_yaml_file``), the key for unknown
-    sections, sections that are not mappings and malformed overrides.
+    for problems with the file (``read_yaml_file``), the key (and the file or
+    override) for unknown sections or keys, values of the wrong type and
+    malformed overrides.
     """
     config: dict[str, Any] = {}
-    origin = "overrides"
     if path is not None:
-        path = Path(path)
-        origin = str(path)
-        loaded = read_yaml_file(path)
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigFileError(f"{path}: the top level must be a mapping of sections")
-        _check_sections(loaded, origin)
-        config = copy.deepcopy(loaded)
+        config = read_yaml_file(path)
+        _check_sections(config, str(path))
     for override in overrides:
-        apply_override(config, override)
-    for key in (s for s in SECTIONS if s not in ("mixed_precision", "env_vars")):
-        if key in config and config[key] is not None and not isinstance(config[key], dict):
-            raise RunConfigError(f"{key}: must be a mapping of keys, got {config[key]!r}")
+        dotted, value = _override(config, override)
+        merged = OmegaConf.create(config)
+        OmegaConf.update(merged, dotted, value, merge=True)
+        config = _plain(merged, f"override {override!r}")
+        _check_sections(config, f"override {override!r}")
     return config
 
 
+# ---------------------------------------------------------------- accessors
 def tasks_per_node(cluster: Mapping[str, Any]) -> Any:
     """``cluster.tasks_per_node``, defaulting to ``gpus_per_node`` (one rank per GPU); None if unknown."""
     value = cluster.get("tasks_per_node")
@@ -277,6 +320,13 @@ def tasks_per_node(cluster: Mapping[str, Any]) -> Any:
 
 
 def split_sections(config: Mapping[str, Any]) -> tuple[dict, dict, dict]:
-    """``(bridge_part, cluster, lossfree)``: what Megatron-Bridge sees and our two sections."""
+    """``(bridge_part, cluster, lossfree)``: what Megatron-Bridge sees and our sections."""
+    import copy
+
     bridge = {k: copy.deepcopy(v) for k, v in config.items() if k not in OUR_SECTIONS}
     return bridge, dict(config.get("cluster") or {}), dict(config.get("lossfree") or {})
+
+
+def save_run_config(config: Mapping[str, Any], path: Union[str, Path]) -> None:
+    """Write a resolved run config as YAML (what ``load_run_config`` reads back unchanged)."""
+    OmegaConf.save(OmegaConf.create(dict(config)), Path(path))

@@ -27,11 +27,12 @@ from __future__ import annotations
 import difflib
 from typing import Any, Mapping, Optional
 
+from nemo_lossfree import compat
 from nemo_lossfree.config import LossFreeConfig
 from nemo_lossfree.runconfig import megatron_fields
 from nemo_lossfree.runconfig.load import tasks_per_node
+from nemo_lossfree.scores import check_score_function
 
-SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
 _MISSING = object()
 
 
@@ -44,6 +45,13 @@ class _Checker:
     def section(self, name: str) -> Mapping[str, Any]:
         value = self.config.get(name)
         return value if isinstance(value, Mapping) else {}
+
+    def refusal(self, rule, *args: Any) -> None:
+        """Run one of ``compat``'s rules; its ValueError is a problem."""
+        try:
+            rule(*args)
+        except ValueError as exc:
+            self.problems.append(str(exc))
 
     def integer(self, section: str, key: str, default: Any = _MISSING, *, minimum: int = 1,
                 optional: bool = False) -> Optional[int]:
@@ -100,9 +108,7 @@ def _routing(c: _Checker, lossfree: Optional[LossFreeConfig]) -> dict[str, Any]:
     info: dict[str, Any] = {"experts": experts}
     if experts is None:
         if on:
-            c.problems.append(
-                "model.num_moe_experts: lossfree.enabled needs an MoE model; set num_moe_experts"
-            )
+            c.refusal(compat.require_moe, model, compat.yaml_key)
         return info
     topk = c.integer("model", "moe_router_topk", 2)
     info["topk"] = topk
@@ -112,11 +118,7 @@ def _routing(c: _Checker, lossfree: Optional[LossFreeConfig]) -> dict[str, Any]:
         )
     score = model.get("moe_router_score_function", "softmax")
     info["score"] = score
-    if score not in SCORE_FUNCTIONS:
-        c.problems.append(
-            f"model.moe_router_score_function: must be one of {', '.join(SCORE_FUNCTIONS)}; "
-            f"got {score!r}"
-        )
+    c.refusal(check_score_function, score, "model.moe_router_score_function")
     groups = c.integer("model", "moe_router_num_groups", None, optional=True)
     group_topk = c.integer("model", "moe_router_group_topk", None, optional=True)
     if group_topk is not None:
@@ -135,32 +137,18 @@ def _routing(c: _Checker, lossfree: Optional[LossFreeConfig]) -> dict[str, Any]:
         c.problems.append(
             f"model.moe_router_num_groups: must divide num_moe_experts ({experts}), got {groups}"
         )
-    expert_bias = model.get("moe_router_enable_expert_bias", False)
-    if expert_bias is True and on:
-        c.problems.append(
-            "model.moe_router_enable_expert_bias: must be false when lossfree.enabled is true; "
-            "LossFreeRouter keeps its own bias and refuses Megatron's (turn one of them off)"
-        )
-    elif expert_bias is True and score == "softmax":
+    if on:
+        c.refusal(compat.refuse_upstream_expert_bias, model, "lossfree.enabled", compat.yaml_key)
+        c.refusal(compat.refuse_unsupported_balancing, model, compat.yaml_key)
+        warning = compat.aux_loss_warning(model, compat.yaml_key)
+        if warning is not None:
+            c.warnings.append(warning)
+    elif model.get("moe_router_enable_expert_bias") is True and score == "softmax":
         c.problems.append(
             "model.moe_router_enable_expert_bias: Megatron-Core refuses expert bias with "
             "moe_router_score_function softmax; set it false and lossfree.enabled true "
             "(LossFreeRouter supports softmax)"
         )
-    coeff = model.get("moe_aux_loss_coeff", 0.0)
-    if on and isinstance(coeff, (int, float)) and not isinstance(coeff, bool) and coeff != 0:
-        kind = model.get("moe_router_load_balancing_type", "aux_loss")
-        if kind == "none":
-            c.warnings.append(
-                f"model.moe_aux_loss_coeff: is {coeff} with lossfree.enabled; it has no effect "
-                "while moe_router_load_balancing_type is none, set 0 to say so"
-            )
-        else:
-            c.warnings.append(
-                f"model.moe_aux_loss_coeff: is {coeff} with lossfree.enabled (load balancing "
-                f"type {kind!r}); the auxiliary loss fights the bias and its gradient "
-                "interferes with the language-model loss; set 0 for the paper's method"
-            )
     return info
 
 

@@ -11,10 +11,13 @@ import socket
 import traceback
 from typing import Any, Callable
 
-import torch.multiprocessing as mp
-
 
 def free_port() -> int:
+    """A port on 127.0.0.1 that nobody listens on right now (the demo launcher's too).
+
+    Only free until someone binds it: callers that race (two demos started at
+    once) retry on ``EADDRINUSE``.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -54,6 +57,8 @@ def run_on_ranks(
     ``fn`` must be importable (a module-level function) and its result
     picklable. Raises ``RuntimeError`` with the failing ranks' tracebacks.
     """
+    import torch.multiprocessing as mp  # here: importing free_port must not import torch
+
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()

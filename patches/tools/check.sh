@@ -31,7 +31,7 @@ step() { echo "--- patches-check: $* (t=$((SECONDS - start))s)"; }
 export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
 
 step "apply the series to the megatron-core wheel's sources"
-PYTHON="$py" "$here/checkout.sh" "$tree"
+SERIES=megatron-core PYTHON="$py" "$here/checkout.sh" "$tree"
 git -C "$tree" log --oneline base..HEAD
 
 step "the series' unit tests (CPU)"

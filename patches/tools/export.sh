@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Regenerate patches/megatron-core/*.patch from a branch of a working copy made
-# by checkout.sh: one patch per commit between `base` and the branch. This is
-# the only way the .patch files are produced; never edit them by hand.
+# Regenerate patches/$SERIES/*.patch from a branch of a working copy made by
+# checkout.sh (with the same SERIES): one patch per commit between `base` and the
+# branch. This is the only way the .patch files are produced; never edit them by hand.
 #
 #   patches/tools/export.sh DIR [BRANCH]      (BRANCH defaults to lossfree)
+#
+# SERIES: megatron-core (default) or megatron-lm-main, as for checkout.sh.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-out="$(cd "$here/.." && pwd)/megatron-core"
+out="$(cd "$here/.." && pwd)/${SERIES:-megatron-core}"
+[ -d "$out" ] || { echo "export.sh: SERIES=${SERIES:-}: no such series ($out)" >&2; exit 2; }
 dir="${1:?usage: export.sh DIR [BRANCH]}"
 branch="${2:-lossfree}"
 

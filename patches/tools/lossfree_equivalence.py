@@ -8,6 +8,13 @@ Run once per side, each in its own process, then compare::
     python lossfree_equivalence.py run --side patched --out patched.pt
     python lossfree_equivalence.py compare plugin.pt patched.pt
 
+``--series`` picks the variants a series can express: ``megatron-core`` (the
+0.19.2 series, the default) or ``megatron-lm-main``, which adds the quantile
+rule (also with group-limited routing), counting before capacity dropping and
+counting on the backward (a probe forward that is never backpropagated;
+Megatron's activation recomputation). For the main series the plugin side runs
+on the pristine Megatron-LM tree (PYTHONPATH) instead of the venv's wheel.
+
 Each variant trains a small GPT-MoE for a few global batches on both ranks
 of a 2-process gloo world (data parallel: different tokens per rank, so the
 bias update needs the all-reduce), with SGD and averaged gradients. The bias
@@ -29,7 +36,7 @@ import sys
 # Settings of each variant: (name, score function, pre-softmax, update settings).
 # The update settings use the plugin's LossFreeConfig field names; PATCHED_FLAGS
 # maps them to Megatron-Core's TransformerConfig fields.
-VARIANTS = [
+CORE_VARIANTS = [
     ("sigmoid_sign", "sigmoid", False, dict(update_rule="sign", center=False)),
     ("sigmoid_sign_center", "sigmoid", False, dict(update_rule="sign", center=True)),
     (
@@ -58,6 +65,50 @@ VARIANTS = [
         ),
     ),
 ]
+# Variants only the Megatron-LM main series can express. A fifth element holds
+# what is not an update setting: "model" (TransformerConfig fields of both
+# sides), "patched" (fields of the patched side only) and "probe" (a training-mode
+# forward with gradients after each step's micro-batches that is never
+# backpropagated: it trains nothing, so the plugin does not count it).
+MAIN_VARIANTS = [
+    ("sigmoid_quantile_center", "sigmoid", False, dict(update_rule="quantile", update_rate=0.5, center=True), {}),
+    (
+        "softmax_quantile_group_limited",
+        "softmax",
+        False,
+        dict(update_rule="quantile", update_rate=0.7, center=True),
+        dict(model=dict(moe_router_num_groups=4, moe_router_group_topk=2)),
+    ),
+    (
+        "sigmoid_sign_capacity",
+        "sigmoid",
+        False,
+        dict(update_rule="sign", center=True),
+        dict(model=dict(moe_expert_capacity_factor=1.0, moe_token_drop_policy="probs")),
+    ),
+    (
+        "sigmoid_proportional_probe",
+        "sigmoid",
+        False,
+        dict(update_rule="proportional", center=True),
+        dict(patched=dict(moe_router_bias_count_on_backward=True), probe=True),
+    ),
+    (
+        # Megatron's (reentrant) recomputation: the counts arrive in the recomputed backward.
+        "softmax_quantile_recompute",
+        "softmax",
+        True,
+        dict(update_rule="quantile", update_rate=0.5, center=True),
+        dict(
+            model=dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+            patched=dict(moe_router_bias_count_on_backward=True),
+        ),
+    ),
+]
+SERIES_VARIANTS = {
+    "megatron-core": CORE_VARIANTS,
+    "megatron-lm-main": CORE_VARIANTS + MAIN_VARIANTS,
+}
 PATCHED_FLAGS = {
     "update_rate": "moe_router_bias_update_rate",
     "update_rule": "moe_router_bias_update_rule",
@@ -92,18 +143,20 @@ def _tokens(variant: int, step: int, micro: int, rank: int):
     )
 
 
-def _train_variant(side: str, index: int, rank: int) -> list:
+def _train_variant(side: str, variants: list, index: int, rank: int) -> list:
     import torch
     import torch.distributed as dist
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from nemo_lossfree.testing.models import gpt_moe_model, moe_transformer_config
 
-    name, score_function, pre_softmax, settings = VARIANTS[index]
-    settings = dict(settings, update_rate=UPDATE_RATE)
+    name, score_function, pre_softmax, settings, *rest = variants[index]
+    extra = rest[0] if rest else {}
+    settings = dict(dict(update_rate=UPDATE_RATE), **settings)
     common = dict(
         num_layers=2, hidden_size=32, num_attention_heads=4, num_experts=8, topk=2,
         score_function=score_function, moe_router_pre_softmax=pre_softmax,
+        **extra.get("model", {}),
     )
     torch.manual_seed(1234)
     model_parallel_cuda_manual_seed(1234)
@@ -121,6 +174,7 @@ def _train_variant(side: str, index: int, rank: int) -> list:
         )
 
         overrides = {PATCHED_FLAGS[key]: value for key, value in settings.items()}
+        overrides.update(extra.get("patched", {}))
         config = moe_transformer_config(expert_bias=True, **common, **overrides)
         model = gpt_moe_model(config, vocab_size=VOCAB, max_sequence_length=SEQ, loss_free=False)
 
@@ -141,6 +195,10 @@ def _train_variant(side: str, index: int, rank: int) -> list:
             tokens = _tokens(index, step, micro, rank)
             loss = model(tokens[:, :-1], position_ids, None, labels=tokens[:, 1:]).mean()
             (loss / MICRO_BATCHES).backward()
+        if extra.get("probe"):
+            # Gradients on, training mode, never backpropagated: trains nothing.
+            tokens = _tokens(index, step, MICRO_BATCHES, rank)
+            model(tokens[:, :-1], position_ids, None, labels=tokens[:, 1:])
         for param in model.parameters():
             if param.grad is not None:
                 dist.all_reduce(param.grad)
@@ -151,7 +209,7 @@ def _train_variant(side: str, index: int, rank: int) -> list:
     return history
 
 
-def _worker(rank: int, side: str, port: int, out: str) -> None:
+def _worker(rank: int, side: str, series: str, port: int, out: str) -> None:
     from nemo_lossfree.testing import cpu
 
     cpu.enable()  # before Megatron-Core's transformer modules are imported
@@ -163,20 +221,25 @@ def _worker(rank: int, side: str, port: int, out: str) -> None:
     import megatron.core
 
     cpu.init_distributed(rank, WORLD_SIZE, init_method=f"tcp://127.0.0.1:{port}")
-    results = {name: torch.stack(_train_variant(side, i, rank)) for i, (name, *_) in enumerate(VARIANTS)}
+    variants = SERIES_VARIANTS[series]
+    results = {
+        name: torch.stack(_train_variant(side, variants, i, rank))
+        for i, (name, *_) in enumerate(variants)
+    }
     if side == "patched":
         # Upstream flags only: the plugin's router and balancer were never imported.
         leaked = [m for m in ("nemo_lossfree.router", "nemo_lossfree.balancer") if m in sys.modules]
         assert not leaked, f"patched side imported the plugin: {leaked}"
     if rank == 0:
         results["_megatron"] = os.path.dirname(megatron.core.__file__)
+        results["_series"] = series
         torch.save(results, out)
 
 
-def run(side: str, out: str) -> int:
+def run(side: str, series: str, out: str) -> int:
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(side, _free_port(), out), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_worker, args=(side, series, _free_port(), out), nprocs=WORLD_SIZE, join=True)
     return 0
 
 
@@ -186,9 +249,14 @@ def compare(plugin_path: str, patched_path: str) -> int:
     plugin, patched = torch.load(plugin_path), torch.load(patched_path)
     print(f"plugin side:  megatron.core from {plugin.pop('_megatron')}")
     print(f"patched side: megatron.core from {patched.pop('_megatron')}")
+    series = plugin.pop("_series", "megatron-core")
+    if patched.pop("_series", "megatron-core") != series:
+        print("FAIL the two sides ran the variants of different series")
+        return 1
+    variants = SERIES_VARIANTS[series]
     failed = 0
     finals = []
-    for name, *_ in VARIANTS:
+    for name, *_ in variants:
         a, b = plugin[name], patched[name]  # [steps, layers, experts]
         same = torch.equal(a, b)
         moved = a[-1].abs().max().item()
@@ -204,9 +272,9 @@ def compare(plugin_path: str, patched_path: str) -> int:
     for i in range(len(finals)):
         for j in range(i + 1, len(finals)):
             if torch.equal(finals[i], finals[j]):
-                print(f"FAIL variants {VARIANTS[i][0]} and {VARIANTS[j][0]} ended with equal biases")
+                print(f"FAIL variants {variants[i][0]} and {variants[j][0]} ended with equal biases")
                 failed += 1
-    print(f"{len(VARIANTS) - failed} passed, {failed} failed")
+    print(f"{len(variants) - failed} passed, {failed} failed")
     return 1 if failed else 0
 
 
@@ -216,12 +284,13 @@ def main() -> int:
     run_parser = sub.add_parser("run")
     run_parser.add_argument("--side", choices=["plugin", "patched"], required=True)
     run_parser.add_argument("--out", required=True)
+    run_parser.add_argument("--series", choices=sorted(SERIES_VARIANTS), default="megatron-core")
     compare_parser = sub.add_parser("compare")
     compare_parser.add_argument("plugin")
     compare_parser.add_argument("patched")
     args = parser.parse_args()
     if args.command == "run":
-        return run(args.side, args.out)
+        return run(args.side, args.series, args.out)
     return compare(args.plugin, args.patched)
 
 

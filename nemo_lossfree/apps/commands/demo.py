@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from nemo_lossfree.exit_codes import EXIT_STOPPED, EXIT_USAGE
+
 
 def _seeds(text: str) -> list[int]:
     try:
@@ -61,12 +63,13 @@ def run(args: argparse.Namespace) -> int:
 
     from nemo_lossfree.apps.commands import check_output_dir
     from nemo_lossfree.apps.demo.arms import parse_arms
-    from nemo_lossfree.apps.demo.launcher import launch
+    from nemo_lossfree.apps.demo.launcher import WORLD_SIZE, launch
     from nemo_lossfree.apps.demo.pareto import describe
     from nemo_lossfree.apps.demo.plots import plot_demo
     from nemo_lossfree.apps.demo.results import collect, combine_seeds, format_table, write_json
-    from nemo_lossfree.apps.demo.settings import check_run, settings_from_args, settings_to_argv
-    from nemo_lossfree.apps.demo.worker import EXIT_STOPPED
+    from nemo_lossfree.apps.demo.run_config import to_run_config
+    from nemo_lossfree.apps.demo.settings import check_run, settings_from_args
+    from nemo_lossfree.runconfig.load import save_run_config
 
     out = Path(args.out)
     try:
@@ -90,13 +93,16 @@ def run(args: argparse.Namespace) -> int:
                 check_output_dir(path, flag, create=False)
     except ValueError as exc:
         print(f"nemo-lossfree demo: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     per_seed = {}
     for seed, seed_settings, seed_out, save, load in runs:
         seed_out.mkdir(parents=True, exist_ok=True)
-        worker_argv = ["--arm", ",".join(arms), "--out", str(seed_out), *settings_to_argv(seed_settings)]
+        # The workers read the settings as a run config: the file is what trained.
+        run_config = seed_out / "run_config.yaml"
+        save_run_config(to_run_config(seed_settings, world_size=WORLD_SIZE), run_config)
+        worker_argv = ["--arm", ",".join(arms), "--out", str(seed_out), "--config", str(run_config)]
         for flag, value in (("--save", save), ("--save-interval", args.save_interval), ("--load", load)):
             if value is not None:
                 worker_argv += [flag, str(value)]

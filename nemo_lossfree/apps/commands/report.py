@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from nemo_lossfree.exit_codes import EXIT_USAGE
+
 
 def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(name, help=help_text, description=__doc__.splitlines()[0])
@@ -27,10 +29,10 @@ def run(args: argparse.Namespace) -> int:
         arms = results["arms"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"nemo-lossfree report: results: cannot read {str(path)!r} ({exc})", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if not isinstance(arms, dict) or not arms:
         print(f"nemo-lossfree report: results: {str(path)!r} has no arms", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if args.format == "json":
         print(json.dumps(results, indent=2))
     elif args.format == "markdown":

@@ -30,6 +30,7 @@ import torch
 
 from nemo_lossfree.apps.commands import check_output_dir
 from nemo_lossfree.config import SCHEDULES, UPDATE_RULES, LossFreeConfig
+from nemo_lossfree.exit_codes import EXIT_USAGE
 
 
 def _positive_int(text: str) -> int:
@@ -54,7 +55,8 @@ def _nonnegative_float(text: str) -> float:
 
 def add_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
     from nemo_lossfree.apps.simulator import DEFAULT_RATES, STRATEGIES
-    from nemo_lossfree.apps.simulator.scores import SCORE_FUNCTIONS, SCORE_KINDS
+    from nemo_lossfree.apps.simulator.scores import SCORE_KINDS
+    from nemo_lossfree.scores import SCORE_FUNCTIONS
 
     p = subparsers.add_parser(name, help=help_text, description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -140,7 +142,7 @@ def run(args) -> int:
         check_output_dir(args.out_dir, "--out-dir", create=True)
     except ValueError as exc:
         print(f"nemo-lossfree simulate: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
     started = time.perf_counter()
     strategies = compare_strategies(env, args.strategies, rate=args.rate)

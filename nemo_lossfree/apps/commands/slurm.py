@@ -21,11 +21,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from nemo_lossfree.apps.commands import check_output_dir
 from nemo_lossfree.apps.commands.validate_config import validate
 from nemo_lossfree.apps.slurm.job import LAUNCHERS, SlurmJob
+from nemo_lossfree.exit_codes import EXIT_FAILED, EXIT_USAGE
 from nemo_lossfree.runconfig.load import ConfigFileError
 
 PREFIX = "nemo-lossfree slurm: "
@@ -122,28 +123,22 @@ def with_layout(config: dict[str, Any], layout: SlurmJob) -> dict[str, Any]:
 
 
 def build_job(args: argparse.Namespace, config: dict[str, Any], common: dict[str, Any],
-              layout: SlurmJob, out_dir: Path) -> SlurmJob:
-    """The job: the layout plus the training command (Bridge on GPUs, the demo worker on CPUs)."""
+              layout: SlurmJob, out_dir: Path) -> tuple[SlurmJob, Optional[dict[str, Any]]]:
+    """The job (the layout plus the training command: Bridge on GPUs, the demo worker on CPUs)
+    and, for CPU jobs, the resolved run config the job reads (written next to the script)."""
     from nemo_lossfree.apps.slurm import payload
 
     if layout.gpus_per_node:
         command = payload.gpu_pretrain_command(args.config, args.overrides, config, recipe=args.recipe)
-        python = args.python or "python"
-    else:
-        checkpoint_dir = (config.get("checkpoint") or {}).get("save") or str(out_dir / "checkpoints")
-        # The demo worker's own default is EP 2 when the config names none.
-        ep = (config.get("model") or {}).get("expert_model_parallel_size") or 2
-        if layout.world_size % ep:
-            raise ValueError(
-                f"--nodes x --ntasks-per-node: the world size ({layout.world_size}) must be a multiple of "
-                f"model.expert_model_parallel_size ({ep})"
-            )
-        command = payload.cpu_worker_command(
-            config, world_size=layout.world_size, results_dir=str(out_dir / "results"),
-            checkpoint_dir=str(Path(checkpoint_dir).resolve()),
-        )
-        python = args.python or payload.default_python()
-    return SlurmJob(command=command, python=python, **common)
+        return SlurmJob(command=command, python=args.python or "python", **common), None
+    run_config = with_layout(config, layout)
+    checkpoint_dir = (config.get("checkpoint") or {}).get("save") or str(out_dir / "checkpoints")
+    command = payload.cpu_worker_command(
+        run_config, config_file=str(out_dir / payload.RUN_CONFIG_FILE), results_dir=str(out_dir / "results"),
+        checkpoint_dir=str(Path(checkpoint_dir).resolve()),
+    )
+    python = args.python or payload.default_python()
+    return SlurmJob(command=command, python=python, **common), run_config
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,19 +149,19 @@ def run(args: argparse.Namespace) -> int:
         config, common, layout, out_dir = prepare(args)
     except ConfigFileError as exc:
         print(f"{PREFIX}--config: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except ValueError as exc:
         print(f"{PREFIX}{exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     problems, _ = validate(with_layout(config, layout), prefix=PREFIX)
     if problems:
         given = " ".join(f"{flag} {getattr(args, name)}" for flag, name in LAYOUT_FLAGS
                          if getattr(args, name) is not None)
         print(f"{PREFIX}{args.config}: {len(problems)} problem(s){' with ' + given if given else ''}; "
               "nothing written or submitted", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
-        job = build_job(args, config, common, layout, out_dir)
+        job, run_config = build_job(args, config, common, layout, out_dir)
         script_path = out_dir / f"{job.job_name}.sbatch"
         text = render_sbatch(
             job, title=f"nemo-lossfree: {args.config}", submit_hint=f"Submit with: sbatch {script_path}"
@@ -175,18 +170,23 @@ def run(args: argparse.Namespace) -> int:
         check_output_dir(out_dir, "--output-dir", create=not args.dry_run)
     except ValueError as exc:
         print(f"{PREFIX}{exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if args.dry_run:
         print(text, end="")
         return 0
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    if run_config is not None:
+        from nemo_lossfree.apps.slurm.payload import RUN_CONFIG_FILE
+        from nemo_lossfree.runconfig.load import save_run_config
+
+        save_run_config(run_config, out_dir / RUN_CONFIG_FILE)
     script_path.write_text(text)
     script_path.chmod(0o755)
     try:
         job_id = slurm.submit(str(script_path))
     except slurm.SlurmError as exc:
         print(f"{PREFIX}{exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     log = out_dir / "logs" / f"{job.job_name}-{job_id}.out"
     print(f"submitted job {job_id}: script {script_path}, log {log}", flush=True)
     if not args.wait:
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         info = slurm.wait(job_id, timeout_s=args.wait_timeout, on_change=report)
     except slurm.SlurmError as exc:
         print(f"{PREFIX}{exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     print(f"job {job_id}: {info.state}, exit code {info.exit_code}, restarts {info.restarts}; log {log}")
     if info.state != "COMPLETED":
         return info.exit_code or 1

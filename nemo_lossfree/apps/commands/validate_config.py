@@ -17,6 +17,7 @@ import argparse
 import sys
 from typing import Any, Mapping
 
+from nemo_lossfree.exit_codes import EXIT_USAGE
 from nemo_lossfree.runconfig.load import RunConfigError, load_run_config
 from nemo_lossfree.runconfig.validate import check, describe
 
@@ -57,10 +58,10 @@ def run(args: argparse.Namespace) -> int:
         config = load_run_config(args.config, args.overrides)
     except RunConfigError as exc:
         print(str(exc), file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     problems, facts = validate(config)
     if problems:
         print(f"{args.config}: {len(problems)} problem(s)", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     print(f"{args.config}: valid. {describe(config, facts)}")
     return 0

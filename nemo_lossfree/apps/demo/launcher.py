@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
 
-from nemo_lossfree.apps.demo.protocol import EXIT_STOPPED, PROGRESS_PREFIX
+from nemo_lossfree.apps.demo.protocol import PROGRESS_PREFIX
+from nemo_lossfree.exit_codes import EXIT_STOPPED
+from nemo_lossfree.testing.distributed import free_port
 
 WORLD_SIZE = 2
 
@@ -26,13 +27,6 @@ WORLD_SIZE = 2
 PORT_ATTEMPTS = 3
 FAILED_PEER_GRACE_S = 30
 _PORT_TAKEN = "EADDRINUSE"
-
-
-def free_port() -> int:
-    """A port on MASTER_ADDR (127.0.0.1) that nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class _Bars:

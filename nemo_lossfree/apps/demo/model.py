@@ -15,11 +15,21 @@ import torch
 
 from nemo_lossfree.apps.demo.settings import DemoSettings
 
+#: TransformerConfig fields the CPU demo model fixes, whatever its settings (its
+#: run config states them: ``run_config.to_run_config``).
+CPU_MODEL_FIELDS: dict[str, Any] = dict(
+    moe_router_dtype="fp32",
+    moe_token_dispatcher_type="allgather",
+    moe_grouped_gemm=False,
+    add_bias_linear=False,
+    bf16=False,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+)
 
-def transformer_config(settings: DemoSettings, arm_fields: dict[str, Any], expert_model_parallel_size: int):
-    """The ``TransformerConfig`` of one arm: the settings' shape, then the arm's fields."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
+def settings_fields(settings: DemoSettings) -> dict[str, Any]:
+    """The TransformerConfig fields a ``DemoSettings`` sets (the model's shape and routing)."""
     s = settings
     fields: dict[str, Any] = dict(
         num_layers=s.dense_layers + s.num_layers,
@@ -30,19 +40,22 @@ def transformer_config(settings: DemoSettings, arm_fields: dict[str, Any], exper
         moe_ffn_hidden_size=s.moe_ffn_hidden_size,
         moe_router_topk=s.topk,
         moe_router_score_function=s.score_function,
-        moe_router_dtype="fp32",
-        moe_token_dispatcher_type="allgather",
-        moe_grouped_gemm=False,
-        expert_model_parallel_size=expert_model_parallel_size,
-        use_cpu_initialization=True,
-        add_bias_linear=False,
-        bf16=False,
-        params_dtype=torch.float32,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
     )
     if s.dense_layers:
         fields["moe_layer_freq"] = [0] * s.dense_layers + [1] * s.num_layers
+    return fields
+
+
+def transformer_config(settings: DemoSettings, arm_fields: dict[str, Any], expert_model_parallel_size: int):
+    """The ``TransformerConfig`` of one arm: the settings' shape, the CPU fields, then the arm's fields."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    fields = dict(
+        settings_fields(settings), **CPU_MODEL_FIELDS,
+        expert_model_parallel_size=expert_model_parallel_size,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+    )
     fields.update(arm_fields)
     return TransformerConfig(**fields)
 

@@ -1,9 +1,10 @@
 """Every setting of one demo run, and the command-line flags that set them.
 
-The same flags are read by ``nemo-lossfree demo`` (which passes them on) and by
-``python -m nemo_lossfree.apps.demo.worker``, so a SLURM or torchrun launch of the
-worker trains exactly what the demo trains, and both refuse the same bad flags
-(``DemoSettings`` and ``check_run``) before any rank joins the process group.
+The same flags are read by ``nemo-lossfree demo`` and by
+``python -m nemo_lossfree.apps.demo.worker`` (torchrun, srun), and both refuse
+the same bad flags (``DemoSettings`` and ``check_run``) before any rank joins
+the process group. The demo hands its workers the settings as a run config
+(``run_config.to_run_config``), not as flags again.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from nemo_lossfree.config import LossFreeConfig
+from nemo_lossfree.scores import SCORE_FUNCTIONS, check_score_function
 
 
 def _check_count(name: str, value: Any, minimum: int) -> None:
@@ -81,8 +83,7 @@ class DemoSettings:
             raise ValueError(f"topk: must be <= experts ({self.experts}), got {self.topk}")
         if self.experts % 2:
             raise ValueError(f"experts: must be even (expert parallel 2), got {self.experts}")
-        if self.score_function not in ("sigmoid", "softmax"):
-            raise ValueError(f"score_function: must be sigmoid or softmax, got {self.score_function!r}")
+        check_score_function(self.score_function, "score_function")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size: must be a multiple of num_attention_heads ({self.num_attention_heads}), "
@@ -118,10 +119,13 @@ def _key_value(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
-def add_settings_args(parser: argparse.ArgumentParser) -> None:
-    """The model, data and training flags (defaults from DemoSettings)."""
+SETTINGS_GROUP = "model and training"
+
+
+def add_settings_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The model, data and training flags (defaults from DemoSettings); returns their group."""
     d = DemoSettings()
-    g = parser.add_argument_group("model and training")
+    g = parser.add_argument_group(SETTINGS_GROUP)
     g.add_argument("--steps", type=int, default=d.steps, help="training steps per arm (default %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of weights and data order (default %(default)s)")
     g.add_argument("--experts", type=int, default=d.experts, help="experts per MoE layer (default %(default)s)")
@@ -136,7 +140,7 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
                    help="attention heads (default %(default)s)")
     g.add_argument("--moe-ffn-hidden-size", type=int, default=d.moe_ffn_hidden_size,
                    help="hidden size of each expert (default %(default)s)")
-    g.add_argument("--score-function", default=d.score_function, choices=("sigmoid", "softmax"),
+    g.add_argument("--score-function", default=d.score_function, choices=SCORE_FUNCTIONS,
                    help="router score function (default %(default)s)")
     g.add_argument("--seq-length", type=int, default=d.seq_length, help="bytes per sequence (default %(default)s)")
     g.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size,
@@ -164,39 +168,17 @@ def add_settings_args(parser: argparse.ArgumentParser) -> None:
                    type=_key_value, metavar="KEY=VALUE",
                    help="LossFreeConfig field for the loss_free arm, repeatable (e.g. update_rate=0.25); "
                         "default: LossFreeConfig()'s own defaults")
+    return g
 
 
 def settings_from_args(args: argparse.Namespace) -> DemoSettings:
-    lossfree = dict(args.lossfree_overrides)
-    # Typed values (results.json records numbers, not the command line's strings).
-    typed = LossFreeConfig.from_dict(lossfree)
-    lossfree = {key: getattr(typed, key) for key in lossfree}
+    from nemo_lossfree.runconfig.load import load_run_config
+
+    # --lossfree KEY=VALUE is typed like a run config's lossfree.KEY=VALUE override (one reader).
+    given = [f"lossfree.{key}={value}" for key, value in args.lossfree_overrides]
+    lossfree = load_run_config(None, given).get("lossfree") or {}
     names = {f.name for f in dataclasses.fields(DemoSettings)} - {"lossfree"}
     return DemoSettings(lossfree=lossfree, **{n: getattr(args, n) for n in names})
-
-
-def settings_to_argv(settings: DemoSettings) -> list[str]:
-    """The flags that rebuild ``settings`` (for spawning workers)."""
-    flags = {
-        "steps": "--steps", "seed": "--seed", "experts": "--experts", "topk": "--topk",
-        "num_layers": "--layers", "dense_layers": "--dense-layers", "hidden_size": "--hidden-size",
-        "num_attention_heads": "--heads",
-        "moe_ffn_hidden_size": "--moe-ffn-hidden-size", "score_function": "--score-function",
-        "seq_length": "--seq-length", "micro_batch_size": "--micro-batch-size",
-        "num_micro_batches": "--num-micro-batches", "lr": "--lr", "min_lr": "--min-lr",
-        "lr_warmup_steps": "--lr-warmup-steps", "lr_decay_steps": "--lr-decay-steps",
-        "val_windows": "--val-windows", "val_micro_batch_size": "--val-micro-batch-size",
-        "corpus": "--corpus", "corpus_max_bytes": "--corpus-max-bytes",
-        "tokenizer": "--tokenizer", "vocab_size": "--vocab-size",
-    }
-    argv: list[str] = []
-    for name, flag in flags.items():
-        value = getattr(settings, name)
-        if value is not None:
-            argv += [flag, str(value)]
-    for key, value in settings.lossfree.items():
-        argv += ["--lossfree", f"{key}={value}"]
-    return argv
 
 
 _UNSET = object()

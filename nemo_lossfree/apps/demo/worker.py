@@ -13,11 +13,10 @@ Process group, from the environment:
   srun:     SLURM_PROCID, SLURM_NTASKS, and the master from --master-addr /
             --master-port, else MASTER_ADDR / MASTER_PORT, else
             SLURM_LAUNCH_NODE_IPADDR and port 29500.
-  The world size must be a multiple of the expert-parallel size (2).
+  The world size must be a multiple of the expert-parallel size (default 2).
 
 Flags:
   --arm ARM[,ARM...]    loss_free, aux_loss, megatron_bias, none (comma list: run in order)
-  --steps N             training steps per arm
   --out DIR             results: <DIR>/<arm>.json (final per-layer biases, metrics,
                         per-step history) and <DIR>/tensorboard/<arm>/ (rank 0 writes)
   --save DIR            checkpoint root: <DIR>/<arm>/iter_<step>/ and <DIR>/<arm>/latest
@@ -29,9 +28,19 @@ Flags:
                         it records other settings). DIR must exist unless it is the
                         --save directory (a first run that resumes when requeued)
   --exit-after-steps K  save (with --save) and stop after step K, as on SIGUSR1
-  --master-addr/--master-port, --expert-parallel (default 2), --progress
-  and the model/training flags of nemo_lossfree.apps.demo.settings (--experts, --topk,
-  --layers, --hidden-size, --seq-length, --lr, --corpus, --lossfree KEY=VALUE, ...).
+  --master-addr/--master-port, --progress
+
+What to train, one of:
+  --config FILE [KEY=VALUE ...]
+                        a run config (configs/*.yaml; what `nemo-lossfree demo` and
+                        `nemo-lossfree slurm` hand the worker), read and checked as
+                        `nemo-lossfree validate-config` does, then turned into the
+                        demo's settings by nemo_lossfree.apps.demo.run_config (a key
+                        the CPU model cannot run is refused, naming it). KEY=VALUE
+                        overrides alone (no FILE) start from the demo's defaults.
+  the flags of `nemo-lossfree demo` (nemo_lossfree.apps.demo.settings: --steps,
+                        --experts, --topk, --layers, --lossfree KEY=VALUE, ...) and
+                        --expert-parallel (default 2).
 
 Signals: on SIGUSR1 (or SIGTERM) the current step finishes, every rank agrees
 to stop, the checkpoint is saved when --save is given, and the process exits
@@ -56,7 +65,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from nemo_lossfree.apps.demo.protocol import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE, PROGRESS_PREFIX  # noqa: F401
+from nemo_lossfree.apps.demo.protocol import PROGRESS_PREFIX
+from nemo_lossfree.apps.demo.settings import SETTINGS_GROUP, DemoSettings
+from nemo_lossfree.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE  # noqa: F401 (re-exported)
 
 DEFAULT_PORT = 29500
 
@@ -77,14 +88,66 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop (and save) after this step, as on SIGUSR1")
     parser.add_argument("--master-addr", default=None)
     parser.add_argument("--master-port", type=int, default=None)
-    parser.add_argument("--expert-parallel", type=int, default=2)
     parser.add_argument("--progress", action="store_true",
                         help=f"rank 0 prints one '{PROGRESS_PREFIX.strip()} <json>' line per step")
-    add_settings_args(parser)
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="run config (YAML) to train; instead of the model and training flags")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="run-config overrides (with or without --config)")
+    flags = add_settings_args(parser)
+    flags.add_argument("--expert-parallel", type=int, default=2)
     return parser
 
 
-def distributed_env(args: argparse.Namespace) -> tuple[int, int, str]:
+def _flags_given(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """The model/training flags present in ``argv`` (they and a run config exclude each other)."""
+    group = next(g for g in parser._action_groups if g.title == SETTINGS_GROUP)
+    options = {o for action in group._group_actions for o in action.option_strings}
+    return [a.split("=")[0] for a in argv if a.split("=")[0] in options]
+
+
+def environment_world_size() -> int:
+    env = os.environ
+    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if key in env:
+            return int(env[key])
+    raise ValueError(
+        "environment: set RANK and WORLD_SIZE (torchrun) or SLURM_PROCID and SLURM_NTASKS (srun)"
+    )
+
+
+def settings_of(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                argv: list[str]) -> tuple[DemoSettings, int]:
+    """``(settings, expert_model_parallel_size)`` from the run config or from the flags."""
+    from nemo_lossfree.apps.demo.arms import parse_arms
+    from nemo_lossfree.apps.demo.run_config import from_run_config, world_size_of
+    from nemo_lossfree.apps.demo.settings import settings_from_args
+
+    if args.config is None and not args.overrides:
+        return settings_from_args(args), args.expert_parallel
+    given = _flags_given(parser, argv)
+    if given:
+        raise ValueError(f"{given[0]}: the run config sets the model and training; give it as an override "
+                         "(KEY=VALUE) or drop --config")
+    from nemo_lossfree.runconfig.load import ConfigFileError, load_run_config
+    from nemo_lossfree.runconfig.validate import check
+
+    try:
+        config = load_run_config(args.config, args.overrides)
+    except ConfigFileError as exc:
+        raise ValueError(f"--config: {exc}") from None
+    world = environment_world_size()
+    config.setdefault("cluster", {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": world})
+    if world_size_of(config) not in (None, world):
+        raise ValueError(f"cluster: laid out for {world_size_of(config)} ranks (nodes x tasks_per_node), "
+                         f"this worker runs in a world of {world}")
+    problems, _warnings, _facts = check(config)
+    if problems:
+        raise ValueError("\n".join(problems))
+    return from_run_config(config, parse_arms(args.arm))
+
+
+def distributed_env(args: argparse.Namespace, expert_parallel: int) -> tuple[int, int, str]:
     """(rank, world_size, init_method) from torchrun's or srun's environment."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -99,9 +162,9 @@ def distributed_env(args: argparse.Namespace) -> tuple[int, int, str]:
     if not addr:
         raise ValueError("master address: pass --master-addr or set MASTER_ADDR")
     port = args.master_port or int(env.get("MASTER_PORT", DEFAULT_PORT))
-    if world % args.expert_parallel:
+    if world % expert_parallel:
         raise ValueError(
-            f"world size: must be a multiple of --expert-parallel ({args.expert_parallel}), got {world}"
+            f"world size: must be a multiple of the expert-parallel size ({expert_parallel}), got {world}"
         )
     return rank, world, f"tcp://{addr}:{port}"
 
@@ -126,17 +189,16 @@ class StopFlag:
         return bool(flag.item() > 0)
 
 
-def train_arms(args: argparse.Namespace) -> int:
+def train_arms(args: argparse.Namespace, settings: DemoSettings) -> int:
     import torch.distributed as dist
 
     from nemo_lossfree.apps.demo import checkpoint
     from nemo_lossfree.apps.demo.arms import parse_arms
     from nemo_lossfree.apps.demo.corpus import load_corpus
     from nemo_lossfree.apps.demo.results import ArmReporter
-    from nemo_lossfree.apps.demo.settings import finished_arm, settings_from_args
+    from nemo_lossfree.apps.demo.settings import finished_arm
     from nemo_lossfree.apps.demo.trainer import ArmTrainer, run_arm
 
-    settings = settings_from_args(args)
     arms = parse_arms(args.arm)
     out = Path(args.out)
     rank = dist.get_rank()
@@ -177,18 +239,20 @@ def train_arms(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         from nemo_lossfree.apps.demo.arms import parse_arms
-        from nemo_lossfree.apps.demo.settings import check_run, settings_from_args
+        from nemo_lossfree.apps.demo.settings import check_run
 
-        settings = settings_from_args(args)
+        settings, expert_parallel = settings_of(parser, args, argv)
         check_run(settings, parse_arms(args.arm), out=args.out, save=args.save,
                   save_interval=args.save_interval, load=args.load)
-        rank, world, init_method = distributed_env(args)
+        rank, world, init_method = distributed_env(args, expert_parallel)
     except ValueError as exc:
-        print(f"nemo_lossfree.apps.demo.worker: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"nemo_lossfree.apps.demo.worker: {line}", file=sys.stderr)
         return EXIT_USAGE
 
     # CPU mode first: it must run before Megatron-Core's router module is imported.
@@ -199,13 +263,13 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     torch.set_num_threads(int(os.environ.get("NEMO_LOSSFREE_THREADS", "1")))
     cpu.init_distributed(rank, world, init_method=init_method,
-                         expert_model_parallel_size=args.expert_parallel, seed=args.seed)
+                         expert_model_parallel_size=expert_parallel, seed=settings.seed)
     import torch.distributed as dist
 
     from nemo_lossfree.apps.demo.checkpoint import CheckpointError
 
     try:
-        return train_arms(args)
+        return train_arms(args, settings)
     except CheckpointError as exc:
         print(f"nemo_lossfree.apps.demo.worker: {exc}", file=sys.stderr)
         return EXIT_USAGE

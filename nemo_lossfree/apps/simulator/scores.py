@@ -25,18 +25,10 @@ from typing import Optional
 
 import torch
 
-SCORE_FUNCTIONS = ("sigmoid", "softmax")
+from nemo_lossfree.scores import check_score_function, router_scores
+
 SCORE_KINDS = ("logits", "scores")
 TOKEN_RANK = 16
-
-
-def apply_score_function(logits: torch.Tensor, score_function: str) -> torch.Tensor:
-    """The router's score function on float32 logits (as LossFreeRouter computes it)."""
-    if score_function == "sigmoid":
-        return torch.sigmoid(logits.float())
-    if score_function == "softmax":
-        return torch.softmax(logits.float(), dim=-1)
-    raise ValueError(f"score_function: must be one of {', '.join(SCORE_FUNCTIONS)}; got {score_function!r}")
 
 
 class SyntheticPool:
@@ -51,7 +43,7 @@ class SyntheticPool:
         for name, value in (("skew", skew), ("token_spread", token_spread)):
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
-        apply_score_function(torch.zeros(1, 2), score_function)  # validates the name
+        check_score_function(score_function, "score_function")
         generator = torch.Generator().manual_seed(seed)
         self.num_tokens, self.num_experts = num_tokens, num_experts
         self.score_function = score_function
@@ -61,7 +53,7 @@ class SyntheticPool:
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         logits = torch.addmm(self.popularity_E, self.tokens_Tr[start:stop], self.experts_rE)
-        return apply_score_function(logits, self.score_function)
+        return router_scores(logits, self.score_function)
 
 
 class RecordedPool:
@@ -71,7 +63,7 @@ class RecordedPool:
         if kind not in SCORE_KINDS:
             raise ValueError(f"scores kind: must be one of {', '.join(SCORE_KINDS)}; got {kind!r}")
         values_TE = values_TE.float()
-        self.scores_TE = apply_score_function(values_TE, score_function) if kind == "logits" else values_TE
+        self.scores_TE = router_scores(values_TE, score_function) if kind == "logits" else values_TE
         self.scores_TE = self.scores_TE.contiguous()
         self.num_tokens, self.num_experts = self.scores_TE.shape
 

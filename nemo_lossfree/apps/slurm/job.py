@@ -13,10 +13,6 @@ from typing import Optional
 
 LAUNCHERS = ("torchrun", "srun")
 
-# The demo worker's "stopped early, checkpoint saved: run again with --load"
-# exit code (EX_TEMPFAIL); nemo_lossfree.apps.demo.worker.EXIT_STOPPED.
-STOPPED_EXIT_CODE = 75
-
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # SLURM time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 import shlex
 
-from nemo_lossfree.apps.slurm.job import STOPPED_EXIT_CODE, SlurmJob
+from nemo_lossfree.apps.slurm.job import SlurmJob
 from nemo_lossfree.apps.slurm.template import SBATCH_TEMPLATE
+from nemo_lossfree.exit_codes import EXIT_STOPPED
 
 # Megatron-Core on GPUs. Values a site already sets win (${VAR:-default}),
 # except CUDA_DEVICE_MAX_CONNECTIONS, which Megatron requires.
@@ -182,7 +183,7 @@ def render_sbatch(job: SlurmJob, *, title: str = "nemo-lossfree training job",
         "master_port": str(job.master_port),
         "signal_seconds": str(job.signal_seconds),
         "launch_block": _launch_block(job),
-        "stopped_exit_code": str(STOPPED_EXIT_CODE),
+        "stopped_exit_code": str(EXIT_STOPPED),
         "requeue_block": _requeue_block(job),
     }
 

@@ -23,11 +23,15 @@ What it does when ``enabled``:
 - returns a Bridge ``Callback`` that, when training starts, creates a
   ``LossFreeBalancer`` over the model chunks and attaches it to
   ``finalize_model_grads_func`` (set by Bridge's setup; called once per global
-  batch after the last backward), resumes its step counter from the
-  iteration, and writes its ``lossfree/...`` metrics to Bridge's TensorBoard
-  and W&B writers;
-- refuses ``model.moe_router_enable_expert_bias`` (one bias, ours) and warns
-  when an auxiliary load-balancing loss is left on.
+  batch after the last backward) with a writer of its ``lossfree/...``
+  metrics to Bridge's TensorBoard and W&B loggers; the balancer's state
+  (step counter, drift integral, adaptive gain) resumes with the model from
+  Bridge's checkpoint, and a checkpoint without it continues the rate
+  schedule from the iteration;
+- takes over ``model.moe_router_enable_expert_bias`` when the recipe set it
+  (DeepSeek-V3, GLM, Kimi, ...: Megatron's update off, the bias buffer and its
+  checkpoint key kept, one log line; see ``takeover.py``) and warns when an
+  auxiliary load-balancing loss is left on.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ import logging
 import warnings
 from typing import Any, Mapping, Optional, Union
 
+from nemo_lossfree import compat
 from nemo_lossfree.config import LossFreeConfig
+from nemo_lossfree.integrations.bridge.takeover import take_over_expert_bias
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +74,11 @@ class LossFreeLayerSpec:
                 spec = spec(config, vp_stage=vp_stage)
             else:
                 spec = spec(config)
-        return use_loss_free_router(spec)
+        # A pipeline stage may hold only dense layers (DeepSeek-V3's first
+        # stage: num_layers_in_first_pipeline_stage = first_k_dense_replace = 3);
+        # that the model has MoE layers at all is checked once, by
+        # check_model_settings (num_moe_experts).
+        return use_loss_free_router(spec, require_moe=False)
 
     def __repr__(self) -> str:
         return f"LossFreeLayerSpec({self.inner!r})"
@@ -81,26 +91,16 @@ def _is_module_spec(value: Any) -> bool:
 
 
 def check_model_settings(model: Any) -> None:
-    """Refuse settings that contradict loss-free balancing; warn about auxiliary losses."""
-    if not getattr(model, "num_moe_experts", None):
-        raise ValueError(
-            "model.num_moe_experts: lossfree.enabled needs an MoE model; set num_moe_experts"
-        )
-    if getattr(model, "moe_router_enable_expert_bias", False):
-        raise ValueError(
-            "model.moe_router_enable_expert_bias: must be false when lossfree.enabled is true; "
-            "LossFreeRouter keeps its own bias and refuses Megatron's (turn one of them off)"
-        )
-    coeff = getattr(model, "moe_aux_loss_coeff", 0.0)
-    kind = getattr(model, "moe_router_load_balancing_type", "aux_loss")
-    coeffs = coeff if isinstance(coeff, (list, tuple)) else [coeff]
-    if kind != "none" and any(c for c in coeffs):
-        warnings.warn(
-            f"model.moe_aux_loss_coeff: is {coeff} with lossfree.enabled (load balancing type "
-            f"{kind!r}); the auxiliary loss fights the bias; set 0 for the paper's method",
-            UserWarning,
-            stacklevel=3,
-        )
+    """Refuse settings that contradict loss-free balancing; warn about auxiliary losses.
+
+    Megatron's own expert bias is taken over before this runs
+    (``takeover.take_over_expert_bias``), not refused.
+    """
+    compat.require_moe(model, compat.yaml_key)
+    compat.refuse_unsupported_balancing(model, compat.yaml_key)
+    warning = compat.aux_loss_warning(model, compat.yaml_key)
+    if warning is not None:
+        warnings.warn(warning, UserWarning, stacklevel=3)
 
 
 def enable_lossfree(config: Any, section: Union[LossFreeConfig, Mapping[str, Any], None]):
@@ -114,59 +114,69 @@ def enable_lossfree(config: Any, section: Union[LossFreeConfig, Mapping[str, Any
         return None
     model = config.model
     check_model_settings(model)
+    take_over_expert_bias(model, settings.update_rate)
     if not isinstance(model.transformer_layer_spec, LossFreeLayerSpec):
         model.transformer_layer_spec = LossFreeLayerSpec(model.transformer_layer_spec)
     return make_callback(settings)
+
+
+def register_router_for_conversion() -> None:
+    """Tell Bridge's weight conversion that ``LossFreeRouter`` is replicated, as ``TopKRouter`` is.
+
+    Bridge's ``AutoMapping`` (Hugging Face <-> Megatron weights, e.g.
+    ``mlp.router.expert_bias`` <-> ``mlp.gate.e_score_correction_bias``) picks
+    how to gather or scatter a weight by its module's class name and knows
+    ``TopKRouter`` only: without this, exporting or loading a LossFreeRouter
+    model fails with "Cannot determine parallelism type for module
+    'LossFreeRouter'". Idempotent.
+    """
+    from megatron.bridge.models.conversion.param_mapping import AutoMapping
+
+    from nemo_lossfree.router import LossFreeRouter
+
+    AutoMapping.register_module_type(LossFreeRouter.__name__, "replicated")
 
 
 def make_callback(settings: LossFreeConfig):
     """The Bridge ``Callback`` that attaches the balancer and logs its metrics."""
     from megatron.bridge.training.callbacks import Callback
 
+    register_router_for_conversion()  # Bridge may load or save HF weights of this model
+
     class LossFreeCallback(Callback):
-        """Creates the balancer on the built model; logs ``lossfree/...`` each step."""
+        """Creates the balancer on the built model; logs ``lossfree/...`` on its logging steps."""
 
         def __init__(self) -> None:
             self.settings = settings
             self.balancer = None
-            self._logged_step = -1
 
         def on_train_start(self, context) -> None:
             from megatron.core.utils import get_model_config
 
-            from nemo_lossfree.balancer import LossFreeBalancer, warn_integral_restarts
+            from nemo_lossfree.balancer import LossFreeBalancer
 
             self.balancer = LossFreeBalancer(context.model, self.settings)
-            # One balancer step per iteration: a resumed run continues its schedule.
-            self.balancer.steps_done = int(context.state.train_state.step)
-            warn_integral_restarts(self.balancer)
-            self.balancer.attach(get_model_config(context.model[0]))
+            # Bridge loaded its checkpoint already: the routers' _extra_state
+            # resumed the balancer; one without it continues from the iteration.
+            self.balancer.continue_from_iteration(int(context.state.train_state.step))
+            state = context.state
+            self.balancer.attach(get_model_config(context.model[0]),
+                                 on_metrics=lambda metrics: self._write(state, metrics))
             context.user_state["lossfree_balancer"] = self.balancer
             logger.info(
                 "lossfree: LossFreeBalancer attached to %d router(s), starting at step %d",
                 len(self.balancer.routers), self.balancer.steps_done,
             )
 
-        def on_train_step_end(self, context) -> None:
-            balancer = self.balancer
-            if balancer is None or balancer.steps_done == self._logged_step:
-                return
-            self._logged_step = balancer.steps_done
-            # last_metrics is refreshed only on every log_every-th balancer step.
-            if (balancer.steps_done - 1) % self.settings.log_every:
-                return
-            metrics = balancer.last_metrics
-            if not metrics:
-                return
-            # Bridge fires on_train_step_end before it counts the iteration;
-            # +1 puts our scalars at the step of Bridge's own "lm loss".
-            step = int(context.state.train_state.step) + 1
-            writer = context.state.tensorboard_logger
-            if writer is not None:
+        @staticmethod
+        def _write(state, metrics: dict) -> None:
+            # finalize_model_grads runs before Bridge counts the iteration; +1
+            # puts our scalars at the step of Bridge's own "lm loss".
+            step = int(state.train_state.step) + 1
+            if state.tensorboard_logger is not None:
                 for name, value in metrics.items():
-                    writer.add_scalar(name, value, step)
-            wandb_writer = context.state.wandb_logger
-            if wandb_writer is not None:
-                wandb_writer.log(dict(metrics), step)
+                    state.tensorboard_logger.add_scalar(name, value, step)
+            if state.wandb_logger is not None:
+                state.wandb_logger.log(dict(metrics), step)
 
     return LossFreeCallback()

@@ -30,9 +30,14 @@ import sys
 import tempfile
 from typing import Any, Callable, Optional, Sequence
 
-import yaml
-
-from nemo_lossfree.runconfig.load import ConfigFileError, RunConfigError, load_run_config, split_sections
+from nemo_lossfree.exit_codes import EXIT_USAGE
+from nemo_lossfree.runconfig.load import (
+    ConfigFileError,
+    RunConfigError,
+    load_run_config,
+    save_run_config,
+    split_sections,
+)
 
 DEFAULT_FORWARD_STEP = "megatron.bridge.training.gpt_step:forward_step"
 #: pyproject.toml's ``bridge`` extra.
@@ -97,8 +102,7 @@ def build_config(recipe: str, merged: dict):
     config = load_recipe(recipe)()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "overrides.yaml")
-        with open(path, "w") as handle:
-            yaml.safe_dump(bridge_part, handle)
+        save_run_config(bridge_part, path)
         config = process_config_with_overrides(config, config_filepath=path)
     if spec_path is not None:
         config.model.transformer_layer_spec = import_object(str(spec_path))
@@ -121,21 +125,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         merged = load_run_config(args.config_file, args.overrides)
     except ConfigFileError as exc:
         print(f"error: --config-file: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except RunConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     from nemo_lossfree.integrations.bridge import lossfree_config
 
     try:
         lossfree_config(merged.get("lossfree"))  # fail fast, before importing Bridge
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     missing = bridge_missing()
     if missing:
         print(f"error: {missing}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if (merged.get("cluster") or {}).get("gpus_per_node") == 0:
         # The config is laid out for CPU processes (gloo): shim Megatron-Core's
         # CUDA-only calls before anything imports its transformer modules.
@@ -150,7 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         callback = enable_lossfree(config, lossfree)
     except (RunConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     from megatron.bridge.training.pretrain import pretrain
 
     pretrain(config, import_object(args.forward_step), callbacks=[callback] if callback else None)

@@ -87,12 +87,19 @@ def test_flag_off_leaves_megatrons_router(one_rank):
     assert len(routers) == 2 and not any(isinstance(r, LossFreeRouter) for r in routers)
 
 
-def test_megatrons_expert_bias_next_to_the_flag_is_refused():
+def test_megatrons_expert_bias_next_to_the_flag_is_taken_over(one_rank, caplog):
     from nemo_lossfree.integrations.bridge import enable_lossfree
+    from nemo_lossfree.router import LossFreeRouter
 
     config, lossfree = _build("model.moe_router_enable_expert_bias=true")
-    with pytest.raises(ValueError, match=r"^model.moe_router_enable_expert_bias: must be false"):
-        enable_lossfree(config, lossfree)
+    with caplog.at_level("WARNING", logger="nemo_lossfree.integrations.bridge.takeover"):
+        assert enable_lossfree(config, lossfree) is not None
+    assert [r.message for r in caplog.records if "takes it over" in r.message] != []
+    assert config.model.moe_router_enable_expert_bias is False
+    routers = _routers(_provide(config.model))
+    assert all(type(r) is LossFreeRouter for r in routers)
+    # The buffer (and so the checkpoint key) is Megatron's own name.
+    assert all(r.expert_bias is not None for r in routers)
 
 
 def test_aux_loss_next_to_the_flag_warns():
@@ -144,3 +151,211 @@ def test_tiny_cpu_trains_through_bridges_pretrain_and_the_bias_moves(tmp_path):
     assert bias_std[4] > 0
     # Centered: the mean bias stays at 0.
     assert all(abs(value) < 1e-6 for _, value in scalars["lossfree/bias_mean"])
+
+
+# --- every configs/*.yaml on the real recipe it names ----------------------
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def _named_recipe(path: Path) -> str:
+    """The recipe a config's own comment tells users to run it with."""
+    import re
+
+    found = set(re.findall(r"--recipe (\S+)", path.read_text()))
+    assert len(found) == 1, f"{path.name}: names {sorted(found) or 'no'} --recipe"
+    return found.pop()
+
+
+def _spec_modules(node) -> list:
+    """Every module class in a (block or layer) ModuleSpec tree."""
+    import dataclasses
+    import functools
+
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if isinstance(node, ModuleSpec):
+        return [node.module, *_spec_modules(node.submodules), *_spec_modules(node.params or {})]
+    if isinstance(node, functools.partial):
+        return [m for x in (node.func, *node.args, *node.keywords.values()) for m in _spec_modules(x)]
+    if isinstance(node, (list, tuple)):
+        return [m for x in node for m in _spec_modules(x)]
+    if isinstance(node, dict):
+        return [m for x in node.values() for m in _spec_modules(x)]
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        return [m for f in dataclasses.fields(node) for m in _spec_modules(getattr(node, f.name))]
+    if isinstance(node, type):
+        return [node]
+    return []
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_merges_onto_its_real_recipe(path, one_rank, monkeypatch):
+    """Recipe -> YAML -> flag -> Bridge's validate() -> LossFreeRouter in the spec.
+
+    Bridge's validate() finalizes the provider (its TransformerConfig is
+    constructed here, on the CPU) and checks the layout against the world
+    size, which is the config's cluster: nodes x gpus_per_node.
+    Transformer Engine is absent here, so a recipe whose spec is TE's is
+    given Bridge's local equivalent (the swap configs/tiny-cpu.yaml documents),
+    and what needs Transformer Engine kernels or a GPU is switched off: the
+    precision-aware optimizer (TE's FusedAdam), fused MoE permutation and
+    RoPE (TE kernels), and the flex token dispatcher (DeepEP / HybridEP,
+    validated against the GPU's architecture) becomes alltoall.
+    """
+    import megatron.bridge.training.config as bridge_config
+    import torch
+    from megatron.bridge.models import gpt_provider
+
+    from nemo_lossfree.integrations.bridge import enable_lossfree
+    from nemo_lossfree.integrations.bridge.pretrain import build_config
+    from nemo_lossfree.router import LossFreeRouter
+    from nemo_lossfree.runconfig.load import load_run_config
+
+    merged = load_run_config(path, [])
+    cluster = merged["cluster"]
+    world = cluster["nodes"] * (cluster.get("gpus_per_node") or cluster.get("tasks_per_node", 1))
+    monkeypatch.setattr(bridge_config, "get_world_size_safe", lambda: world)
+    config, lossfree = build_config(_named_recipe(path), merged)
+    config.optimizer.use_precision_aware_optimizer = False  # needs TE's FusedAdam
+    for dtype_field in ("main_grads_dtype", "main_params_dtype", "exp_avg_dtype", "exp_avg_sq_dtype"):
+        setattr(config.optimizer, dtype_field, torch.float32)
+    config.model.moe_permute_fusion = False  # needs TE's permutation kernels
+    config.model.apply_rope_fusion = False  # needs TE's RoPE kernels
+    if config.model.moe_token_dispatcher_type == "flex":  # DeepEP / HybridEP: GPU only
+        config.model.moe_token_dispatcher_type = "alltoall"
+    for key, value in merged["model"].items():  # the YAML won over the recipe
+        if key != "transformer_layer_spec":
+            assert getattr(config.model, key) == value, key
+    if config.model.transformer_layer_spec is gpt_provider.default_layer_spec:
+        config.model.transformer_layer_spec = gpt_provider.local_layer_spec
+    assert enable_lossfree(config, lossfree) is not None
+    assert config.model.moe_router_enable_expert_bias is False  # ours, not Megatron's
+    bridge_config.runtime_config_update(config)  # pretrain()'s own: mixed precision, then validate()
+    assert config.data_parallel_size * config.model.tensor_model_parallel_size \
+        * config.model.pipeline_model_parallel_size * config.model.context_parallel_size == world
+    # This process is pipeline rank 0; DeepSeek-V3's first stage holds only
+    # its dense layers. Build that stage's spec (it must not fail), then the
+    # last stage's, which holds MoE layers.
+    config.model.transformer_layer_spec(config.model)
+    from megatron.core import parallel_state
+
+    last_stage = config.model.pipeline_model_parallel_size - 1
+    monkeypatch.setattr(parallel_state, "get_pipeline_model_parallel_rank", lambda *a, **k: last_stage)
+    spec = config.model.transformer_layer_spec(config.model)
+    modules = _spec_modules(spec)
+    assert LossFreeRouter in modules
+    assert not any(m.__name__ == "TopKRouter" for m in modules)
+
+
+# --- export: a tiny DeepSeek-V3 model, exported, routes the same in transformers ---
+
+PARITY_LOGITS_ATOL = 1e-4  # float32 on both sides; measured max difference is printed
+
+
+def _tiny_deepseek_v3_hf_config():
+    from transformers import DeepseekV3Config
+
+    # Sigmoid, 8 experts in 4 groups, top-4 from 2 groups (4 / 2 = 2: Hugging
+    # Face's top-2 group score is Megatron's), one shared expert, first layer dense.
+    return DeepseekV3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=4, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=64,
+        rope_scaling=None, num_nextn_predict_layers=0, tie_word_embeddings=False,
+        architectures=["DeepseekV3ForCausalLM"], torch_dtype="float32",
+    )
+
+
+def _cpu_float32(provider) -> None:
+    """The provider's Transformer Engine / GPU-kernel switches off, float32, no dropout."""
+    import functools
+
+    import torch
+    from cpu_mla import with_cpu_mla
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    provider.transformer_layer_spec = with_cpu_mla(
+        functools.partial(get_gpt_decoder_block_spec, use_transformer_engine=False))
+    for name in ("bf16", "fp16", "gradient_accumulation_fusion", "bias_activation_fusion",
+                 "bias_dropout_fusion", "masked_softmax_fusion", "persist_layer_norm",
+                 "moe_permute_fusion", "cross_entropy_loss_fusion", "apply_rope_fusion",
+                 "moe_shared_expert_overlap", "moe_grouped_gemm"):
+        setattr(provider, name, False)
+    provider.params_dtype = torch.float32
+    provider.pipeline_dtype = torch.float32
+    provider.hidden_dropout = provider.attention_dropout = 0.0
+    provider.moe_router_load_balancing_type = "none"
+    provider.moe_aux_loss_coeff = 0.0
+
+
+def test_export_to_hf_keeps_every_tokens_experts(one_rank, tmp_path):
+    """Bridge's DeepSeek-V3 provider + the flag -> bias trained by the balancer ->
+    export_to_hf -> transformers picks the same experts for every token."""
+    from types import SimpleNamespace
+
+    import torch
+    from megatron.bridge import AutoBridge
+    from transformers import AutoModelForCausalLM
+
+    from nemo_lossfree.balancer import LossFreeBalancer
+    from nemo_lossfree.config import LossFreeConfig
+    from nemo_lossfree.integrations.bridge import enable_lossfree
+    from nemo_lossfree.integrations.export import export_to_hf
+    from nemo_lossfree.router import LossFreeRouter
+
+    torch.manual_seed(0)
+    bridge = AutoBridge.from_hf_config(_tiny_deepseek_v3_hf_config())
+    provider = bridge.to_megatron_provider(load_weights=False)
+    assert provider.moe_router_enable_expert_bias is True  # the DeepSeek-V3 bridge's own setting
+    _cpu_float32(provider)
+    enable_lossfree(SimpleNamespace(model=provider), {"enabled": True})  # takes the flag over
+    model = _provide(provider)
+    routers = _routers(model)
+    assert len(routers) == 1 and type(routers[0]) is LossFreeRouter  # layer 0 is dense
+
+    # Train the bias: forward + backward per batch, one balancer step each.
+    balancer = LossFreeBalancer([model], LossFreeConfig(update_rate=0.05, schedule="constant"))
+    tokens = torch.randint(0, 128, (2, 16))
+    positions = torch.arange(16).expand(2, 16)
+    for _ in range(4):
+        model(input_ids=torch.randint(0, 128, (2, 16)), position_ids=positions,
+              attention_mask=None).float().pow(2).mean().backward()
+        balancer.step()
+    bias = routers[0].expert_bias.clone()
+    assert bias.abs().min() > 0 and bias.min() < 0  # trained, centered: some negative
+
+    chosen = {}
+    model.eval()
+    hook = routers[0].register_forward_hook(lambda mod, args, out: chosen.__setitem__("megatron", out[1]))
+    with torch.no_grad():
+        # Megatron pads the vocabulary (make_vocab_size_divisible_by); the export trims it.
+        logits_megatron = model(input_ids=tokens, position_ids=positions, attention_mask=None)[..., :128]
+    hook.remove()
+
+    export_to_hf([model], bridge, tmp_path / "hf")
+    assert torch.equal(routers[0].expert_bias, bias)  # the shift was for the save only
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    moe = hf_model.model.layers[1].mlp
+    exported = moe.gate.e_score_correction_bias
+    assert torch.allclose(exported - bias, (exported - bias)[0].expand_as(bias)) and exported.min() == 0
+
+    route = moe.route_tokens_to_experts
+
+    def recording(router_logits):
+        indices, weights = route(router_logits)
+        chosen["hf"] = indices
+        return indices, weights
+
+    moe.route_tokens_to_experts = recording
+    with torch.no_grad():
+        logits_hf = hf_model(input_ids=tokens).logits
+    # Megatron orders tokens [sequence, batch], transformers [batch, sequence].
+    map_megatron = chosen["megatron"].view(16, 2, -1).transpose(0, 1).reshape(32, -1)
+    map_hf = torch.zeros_like(map_megatron).scatter_(1, chosen["hf"], True)
+    assert torch.equal(map_hf, map_megatron)
+    difference = (logits_hf - logits_megatron).abs().max().item()
+    print(f"export parity: max |logits_hf - logits_megatron| = {difference:.2e}")
+    assert difference < PARITY_LOGITS_ATOL
