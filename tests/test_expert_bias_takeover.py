@@ -58,12 +58,12 @@ def _train_step(model, config, seed, balancer=None):
     return counts
 
 
-def _save_and_load(source, target, path):
+def _save_and_load(source, target, path, strict="assume_ok_unexpected"):
     from megatron.core import dist_checkpointing
 
     path.mkdir()
     dist_checkpointing.save({"model": source.sharded_state_dict()}, str(path))
-    loaded = dist_checkpointing.load({"model": target.sharded_state_dict()}, str(path))
+    loaded = dist_checkpointing.load({"model": target.sharded_state_dict()}, str(path), strict=strict)
     target.load_state_dict(loaded["model"])
 
 
@@ -93,7 +93,9 @@ def test_checkpoints_continue_training_across_the_two_routers(single_rank, tmp_p
         _train_step(source, upstream, seed, source_balancer)
     saved = _biases(source)
     assert all(b.abs().sum() > 0 for b in saved.values())  # trained, not the zero start
-    _save_and_load(source, target, tmp_path / "ckpt")
+    # An upstream checkpoint has no balancer state (LossFreeRouter's _extra_state):
+    # loaded non-strictly, as Megatron-LM's --dist-ckpt-strictness log_unexpected does.
+    _save_and_load(source, target, tmp_path / "ckpt", "log_unexpected" if upstream_first else "assume_ok_unexpected")
     restored = _biases(target)
     assert all(torch.equal(restored[k], saved[k]) for k in saved)
 
@@ -107,7 +109,7 @@ def test_checkpoints_continue_training_across_the_two_routers(single_rank, tmp_p
 
 
 def test_the_raw_megatron_core_api_still_refuses_both_biases(single_rank):
-    with pytest.raises(ValueError, match=r"^moe_router_enable_expert_bias: must be False"):
+    with pytest.raises(ValueError, match=r"^moe_router_enable_expert_bias: must be false"):
         gpt_moe_model(_upstream_config(), vocab_size=VOCAB, max_sequence_length=SEQ)
 
 
