@@ -161,6 +161,9 @@ def run(args: argparse.Namespace) -> int:
               "nothing written or submitted", file=sys.stderr)
         return EXIT_USAGE
     try:
+        # Before building the job (a CPU job constructs Megatron's TransformerConfig):
+        # a bad --output-dir costs nothing. Created only at the end.
+        check_output_dir(out_dir, "--output-dir", create=False)
         job, run_config = build_job(args, config, common, layout, out_dir)
         script_path = out_dir / f"{job.job_name}.sbatch"
         text = render_sbatch(
