@@ -7,6 +7,7 @@ from nemo_lossfree.testing import cpu
 cpu.enable()  # before anything imports Megatron-Core's router (spawned ranks import this first)
 
 # ruff: noqa: E402  (the imports below must follow cpu.enable())
+import inspect
 import os
 
 import torch
@@ -204,6 +205,10 @@ def route_context_parallel_parts(rank: int, lf: dict, steps: int) -> dict:
 
     from nemo_lossfree.testing.models import gpt_moe_layer_spec
 
+    # megatron-core 0.19 added is_hybrid_cp (required) and cp_group; older minors
+    # take the batch alone and use parallel_state's context-parallel group.
+    accepted = inspect.signature(get_batch_on_this_cp_rank).parameters
+
     config = moe_transformer_config(num_layers=2, num_experts=8, topk=2, context_parallel_size=2)
     build_moe_layer = gpt_moe_layer_spec(8).submodules.mlp  # partial(MoELayer, ...)
     layers = torch.nn.ModuleList()
@@ -215,6 +220,7 @@ def route_context_parallel_parts(rank: int, lf: dict, steps: int) -> dict:
     lf_config = LossFreeConfig(**lf)
     balancer = LossFreeBalancer(layers, lf_config)
     cp_group = parallel_state.get_context_parallel_group()
+    cp_kwargs = {k: v for k, v in {"is_hybrid_cp": False, "cp_group": cp_group}.items() if k in accepted}
     gen = torch.Generator().manual_seed(100 + parallel_state.get_data_parallel_rank())
     micro_batches = 2
     tokens_routed = parallel_state.get_data_parallel_world_size() * micro_batches * BATCH * SEQ
@@ -223,9 +229,7 @@ def route_context_parallel_parts(rank: int, lf: dict, steps: int) -> dict:
         whole_counts = torch.zeros(config.num_layers, 8, dtype=torch.float64)
         for _ in range(micro_batches):
             whole_BSH = torch.randn(BATCH, SEQ, config.hidden_size, generator=gen)
-            part_BSH = get_batch_on_this_cp_rank(
-                {"hidden_states": whole_BSH}, is_hybrid_cp=False, cp_group=cp_group
-            )["hidden_states"]
+            part_BSH = get_batch_on_this_cp_rank({"hidden_states": whole_BSH}, **cp_kwargs)["hidden_states"]
             assert part_BSH.shape[1] == SEQ // 2
             hidden_SBH = part_BSH.transpose(0, 1).contiguous()
             whole_SBH = whole_BSH.transpose(0, 1).contiguous()
