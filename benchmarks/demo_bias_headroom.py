@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -232,20 +231,9 @@ def print_table(report: dict) -> None:
 
 def train_and_record(out: Path, world: int, port: int, demo_flags: list[str]) -> int:
     """The demo's worker on ``world`` local ranks, scores recorded into ``out``."""
-    procs = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), **{SCORES_ENV: str(out)})
-        with open(out / f"rank{rank}.log", "w") as log:
-            procs.append(subprocess.Popen(
-                [sys.executable, __file__, "--arm", "loss_free", "--out", str(out), *demo_flags],
-                env=env, stdout=log, stderr=subprocess.STDOUT,
-            ))
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        print(f"worker exit codes {codes}; see {out}/rank*.log", file=sys.stderr)
-        return 1
-    return 0
+    from demo_recording import run_recording_workers
+
+    return run_recording_workers(__file__, SCORES_ENV, out, world, port, demo_flags)
 
 
 def main() -> int:
