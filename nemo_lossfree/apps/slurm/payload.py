@@ -57,21 +57,10 @@ def cpu_worker_command(config: Mapping[str, Any], *, config_file: str, results_d
 
 def gpu_pretrain_command(config_file: str, overrides: list[str],
                          config: Mapping[str, Any], recipe: Optional[str] = None) -> list[str]:
-    """``-m nemo_lossfree.integrations.bridge.pretrain [--recipe R] --config-file FILE [overrides]``.
+    """The Bridge entry point's arguments (``integrations.launch.pretrain_args``, shared with NeMo-Run)."""
+    from nemo_lossfree.integrations.launch import pretrain_args
 
-    A requeued job must resume: when the config saves checkpoints but names
-    no load directory, load from the save directory.
-    """
-    command = ["-m", "nemo_lossfree.integrations.bridge.pretrain"]
-    if recipe:
-        command += ["--recipe", recipe]
-    command += ["--config-file", config_file]
-    checkpoint = _section(config, "checkpoint")
-    extra = list(overrides)
-    if checkpoint.get("save") and not checkpoint.get("load") \
-            and not any(o.startswith("checkpoint.load=") for o in extra):
-        extra.append(f"checkpoint.load={checkpoint['save']}")
-    return command + extra
+    return pretrain_args(config_file, overrides, config, recipe=recipe)
 
 
 def load_config(path: str, overrides: list[str]) -> dict[str, Any]:

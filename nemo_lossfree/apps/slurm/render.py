@@ -8,30 +8,7 @@ import shlex
 from nemo_lossfree.apps.slurm.job import SlurmJob
 from nemo_lossfree.apps.slurm.template import SBATCH_TEMPLATE
 from nemo_lossfree.exit_codes import EXIT_STOPPED
-
-# Megatron-Core on GPUs. Values a site already sets win (${VAR:-default}),
-# except CUDA_DEVICE_MAX_CONNECTIONS, which Megatron requires.
-GPU_ENV = [
-    ("CUDA_DEVICE_MAX_CONNECTIONS", "1",
-     "Megatron: one hardware queue keeps TP/SP communication kernels ahead of the compute they overlap"),
-    ("NCCL_DEBUG", "${NCCL_DEBUG:-WARN}", "NCCL problems show up in the log"),
-    ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}",
-     "a failed collective ends the job instead of hanging until the time limit"),
-    ("TORCH_NCCL_AVOID_RECORD_STREAMS", "${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}",
-     "frees communication buffers promptly (lower peak memory)"),
-    ("NCCL_IB_TIMEOUT", "${NCCL_IB_TIMEOUT:-19}", "tolerate transient InfiniBand stalls at scale"),
-]
-# CPU ranks talk over gloo; one math thread each, or they fight for the cores.
-CPU_ENV = [
-    ("OMP_NUM_THREADS", "${OMP_NUM_THREADS:-1}", "one math thread per rank (ranks share the cores)"),
-]
-COMMON_ENV = [
-    ("PYTHONUNBUFFERED", "1", "metrics reach the log as they are printed"),
-]
-# Signals torchrun catches and passes on to its ranks (read by torchrun from
-# PET_SIGNALS_TO_HANDLE, the env form of --signals-to-handle; older torchruns
-# without the option ignore it).
-TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+from nemo_lossfree.integrations.launch import TORCHRUN_SIGNALS, job_env
 
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
@@ -78,9 +55,8 @@ def _sbatch_header(job: SlurmJob) -> str:
 
 
 def _env_block(job: SlurmJob) -> str:
-    entries = (GPU_ENV if job.gpus_per_node else CPU_ENV) + COMMON_ENV
     out = []
-    for name, value, why in entries:
+    for name, value, why in job_env(job.gpus_per_node):
         out.append(f"# {why}")
         out.append(f"export {name}={value}")
     for name, value in job.env.items():

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# NeMo-Run lane: the lossfree entry points launched through NeMo-Run 0.11.1
+# (nemo_lossfree.integrations.nemo_run), as NeMo-framework users launch Bridge
+# recipes. Builds its own venv on top of the project's .venv (pinned in
+# tests/_support/nemo_run_lane/requirements-nemo-run-lane.txt; nemo_run is not
+# in make test's venv), then runs tests/_support/nemo_run_lane/lane_checks.py:
+# the tasks and executors built from run configs (command lines, environment,
+# sbatch scripts NeMo-Run renders, refusals before submission), and, on a
+# one-node SLURM cluster (examples/slurm/local_cluster.sh, its own state
+# directory and ports, stopped also on failure after printing the logs), a
+# CPU job submitted by NeMo-Run's SlurmExecutor that runs to completion, and
+# one that is sent USR1, checkpoints, is requeued by NeMo-Run's script and
+# resumes to the same biases.
+# NLF_NEMO_RUN_TIMEOUT: seconds for the checks (default 900).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+start=$SECONDS
+REQS=tests/_support/nemo_run_lane/requirements-nemo-run-lane.txt
+LANE_VENV=${NEMO_RUN_LANE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/nemo-lossfree/venv-nemo-run}
+PROJECT_SITE=$(.venv/bin/python -c 'import site; print(site.getsitepackages()[0])')
+STAMP=$( (cat "$REQS"; echo "$PROJECT_SITE") | sha256sum | cut -c1-16)
+if [ "$(cat "$LANE_VENV/.installed" 2>/dev/null)" != "$STAMP" ]; then
+  PY312=$(.venv/bin/python -c 'import sys; print(sys._base_executable)')
+  rm -rf "$LANE_VENV"
+  "$PY312" -m venv "$LANE_VENV"
+  LANE_SITE=$("$LANE_VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')
+  # addsitedir (not a bare path) so the project's editable install is seen too.
+  echo "import site; site.addsitedir('$PROJECT_SITE')" > "$LANE_SITE/_project_venv.pth"
+  "$LANE_VENV/bin/python" -m pip install --quiet --no-deps -r "$REQS"
+  echo "$STAMP" > "$LANE_VENV/.installed"
+fi
+echo "nemo-run lane: venv ready (t=$((SECONDS - start))s)"
+
+cluster=examples/slurm/local_cluster.sh
+export NLF_SLURM_STATE
+NLF_SLURM_STATE=$(mktemp -d /tmp/nemo-lossfree-nemo-run-ci.XXXXXX)
+chmod 755 "$NLF_SLURM_STATE"
+stop_cluster() {
+  status=$?
+  if [ "$status" != 0 ]; then
+    echo "--- SLURM daemon logs (tail) ---"
+    tail -n 30 "$NLF_SLURM_STATE"/log/*.log 2>/dev/null || true
+    echo "--- job logs (tail) ---"
+    find "$NLF_SLURM_STATE/pytest" \( -name 'log-*.out' -o -name 'sbatch_*.out' \) \
+      -exec tail -n 40 {} + 2>/dev/null || true
+  fi
+  bash "$cluster" stop || true
+  rm -rf "$NLF_SLURM_STATE"
+  exit "$status"
+}
+trap stop_cluster EXIT
+# Free ports of our own: a developer's cluster on the same machine is neither reused nor stopped.
+read -r NLF_SLURMCTLD_PORT NLF_SLURMD_PORT < <(.venv/bin/python - <<'PY'
+import socket
+socks = [socket.socket() for _ in range(2)]
+for s in socks:
+    s.bind(("", 0))
+print(*(s.getsockname()[1] for s in socks))
+PY
+)
+export NLF_SLURMCTLD_PORT NLF_SLURMD_PORT
+bash "$cluster" start --nodes 1
+eval "$(bash "$cluster" env)"
+echo "nemo-run lane: cluster up (t=$((SECONDS - start))s)"
+timeout -k 30 "${NLF_NEMO_RUN_TIMEOUT:-900}" "$LANE_VENV/bin/python" -m pytest -q -p no:cacheprovider \
+  -o addopts="" --basetemp="$NLF_SLURM_STATE/pytest" tests/_support/nemo_run_lane/lane_checks.py
+echo "nemo-run lane: done in $((SECONDS - start))s"
