@@ -62,6 +62,8 @@ export NLF_SLURMCTLD_PORT NLF_SLURMD_PORT
 bash "$cluster" start --nodes 1
 eval "$(bash "$cluster" env)"
 echo "nemo-run lane: cluster up (t=$((SECONDS - start))s)"
+# NeMo-Run's own files (experiments, job metadata) stay in the lane's directory.
+export NEMORUN_HOME=$NLF_SLURM_STATE/nemorun-home
 timeout -k 30 "${NLF_NEMO_RUN_TIMEOUT:-900}" "$LANE_VENV/bin/python" -m pytest -q -p no:cacheprovider \
   -o addopts="" --basetemp="$NLF_SLURM_STATE/pytest" tests/_support/nemo_run_lane/lane_checks.py
 echo "nemo-run lane: done in $((SECONDS - start))s"

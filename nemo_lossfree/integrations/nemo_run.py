@@ -39,6 +39,7 @@ this module imports without it.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from nemo_lossfree.integrations.launch import TORCHRUN_SIGNALS, job_env, pretrain_args
@@ -52,6 +53,8 @@ if TYPE_CHECKING:  # pragma: no cover
 #: The defaults of ``nemo-lossfree slurm`` (``--signal-seconds``, ``--max-requeues``).
 DEFAULT_SIGNAL_SECONDS = 300
 DEFAULT_RETRIES = 20
+#: NeMo-Run's in-container job directory (``nemo_run.config.RUNDIR_NAME``).
+_RUNDIR = "/nemo_run"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,10 +132,10 @@ def pretrain_script(launch: LaunchConfig, *, recipe: str, python: str = "python"
 
 def module_script(args: Sequence[str], *, python: str = "python") -> run.Script:
     """``python -m MODULE ARGS`` (``args`` starting with ``-m MODULE``) as a ``run.Script``."""
-    import nemo_run as run
-
     if len(args) < 2 or args[0] != "-m":
         raise ValueError(f"args: must start with -m MODULE, got {list(args)[:2]!r}")
+    import nemo_run as run
+
     return run.Script(path=args[1], args=list(args[2:]), entrypoint=python, m=True)
 
 
@@ -159,6 +162,13 @@ def slurm_executor(launch: LaunchConfig, *, account: str,
     for name, value, minimum in (("signal_seconds", signal_seconds, 1), ("retries", retries, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
+    tunnel = executor_kwargs.get("tunnel")
+    job_dir = getattr(tunnel, "job_dir", "") or os.environ.get("NEMORUN_HOME", "")
+    if not executor_kwargs.get("container_image") and _RUNDIR in job_dir:
+        # NeMo-Run 0.11.1 without a container replaces every "/nemo_run" in the script
+        # with the job directory (its in-container name), so the job's own paths break.
+        raise ValueError(f"tunnel.job_dir: must not contain {_RUNDIR!r} for a job without a container "
+                         f"(NeMo-Run rewrites it in the sbatch script), got {job_dir!r}")
     gpus = launch.gpus_per_node
     env = {name: value for name, value, _why in job_env(gpus)}
     if gpus:

@@ -12,6 +12,7 @@ resumes to the uninterrupted run's biases.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -44,17 +45,22 @@ JOB_TIMEOUT_S = 420
 pytestmark = pytest.mark.timeout(2 * JOB_TIMEOUT_S + 120)
 
 
-@pytest.fixture(autouse=True)
-def _stdin_devnull(monkeypatch):
+@contextlib.contextmanager
+def _stdin_devnull():
     """NeMo-Run runs its shell commands through invoke, which reads stdin; pytest's refuses reads."""
+    saved = sys.stdin
     with open(os.devnull) as devnull:
-        monkeypatch.setattr(sys, "stdin", devnull)
-        yield
+        sys.stdin = devnull
+        try:
+            yield
+        finally:
+            sys.stdin = saved
 
 
 def _rendered_script(task, executor, name: str, base_dir: Path) -> str:
     """The sbatch script NeMo-Run would submit (its dry run writes it into the experiment directory)."""
-    with run.Experiment(name, executor=executor, base_dir=str(base_dir), log_level="WARN") as exp:
+    with _stdin_devnull(), run.Experiment(name, executor=executor, base_dir=str(base_dir),
+                                          log_level="WARN") as exp:
         exp.add(task, name=name)
         exp.dryrun(log=False, delete_exp_dir=False)
         (job,) = exp.jobs
@@ -107,7 +113,7 @@ def test_gpu_task_is_the_bridge_entry_point_under_torchrun(tmp_path):
     assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1" and "SIGUSR1" in env["PET_SIGNALS_TO_HANDLE"]
     assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "270"
     # The script NeMo-Run renders for it.
-    script = _rendered_script(task, executor, "dsv3", tmp_path / "nemo_run_home")
+    script = _rendered_script(task, executor, "dsv3", tmp_path / "nemorun-home")
     for line in ("#SBATCH --nodes=128", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --signal=USR1@300", "#SBATCH --requeue", "#SBATCH --exclusive",
                  "export CUDA_DEVICE_MAX_CONNECTIONS=1", "--container-image nvcr.io/nvidia/nemo:TAG"):
@@ -132,6 +138,8 @@ def test_a_bad_config_is_one_line_before_anything_is_written(tmp_path):
         lossfree_run.slurm_executor(launch, account="a", ntasks_per_node=4)
     with pytest.raises(ValueError, match=r"^recipe: "):
         lossfree_run.pretrain_script(launch, recipe="")
+    with pytest.raises(ValueError, match=r"^tunnel.job_dir: must not contain '/nemo_run'"):
+        lossfree_run.slurm_executor(launch, account="a", tunnel=run.LocalTunnel(job_dir="/x/nemo_run_jobs"))
     gpu = lossfree_run.load_config(DSV3)
     with pytest.raises(ValueError, match=r"^cluster.gpus_per_node: the demo worker runs on CPUs"):
         demo_worker_script(gpu, tmp_path / "gpu-job")
@@ -158,12 +166,14 @@ def _submit(tmp_path: Path, name: str) -> tuple[str, Path, Path]:
     task = demo_worker_script(launch, out)
     executor = lossfree_run.slurm_executor(
         launch, account="lossfree", packager=run.Packager(), time="00:20:00",
-        tunnel=run.LocalTunnel(job_dir=str(tmp_path / "experiments")),
+        # A LocalTunnel submits from NeMo-Run's experiment directory itself: its job_dir is
+        # the experiments/ folder of the Experiment's base_dir (default: NEMORUN_HOME).
+        tunnel=run.LocalTunnel(job_dir=str(tmp_path / "nemorun-home" / "experiments")),
         # The ranks import this checkout (the lane venv sees the project venv's packages).
         env_vars={"PYTHONPATH": str(REPO)}, master_port=_free_port(),
     )
-    with run.Experiment(name, executor=executor, base_dir=str(tmp_path / "nemo_run_home"),
-                        log_level="WARN") as exp:
+    with _stdin_devnull(), run.Experiment(name, executor=executor, base_dir=str(tmp_path / "nemorun-home"),
+                                          log_level="WARN") as exp:
         exp.add(task, name=name)
         exp.run(detach=True)
         (job,) = exp.jobs
