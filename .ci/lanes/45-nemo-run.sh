@@ -17,7 +17,9 @@ cd "$(dirname "$0")/../.."
 start=$SECONDS
 REQS=tests/_support/nemo_run_lane/requirements-nemo-run-lane.txt
 LANE_VENV=${NEMO_RUN_LANE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/nemo-lossfree/venv-nemo-run}
-PROJECT_SITE=$(.venv/bin/python -c 'import site; print(site.getsitepackages()[0])')
+# Rebuilt when the pins or the project venv it sits on change (by its real path,
+# as the Bridge lane: a checkout whose .venv links to another's reuses that lane venv).
+PROJECT_SITE=$(.venv/bin/python -c 'import os, site; print(os.path.realpath(site.getsitepackages()[0]))')
 STAMP=$( (cat "$REQS"; echo "$PROJECT_SITE") | sha256sum | cut -c1-16)
 if [ "$(cat "$LANE_VENV/.installed" 2>/dev/null)" != "$STAMP" ]; then
   PY312=$(.venv/bin/python -c 'import sys; print(sys._base_executable)')

@@ -7,7 +7,7 @@
     launch = lossfree_run.load_config("configs/tiny-cpu.yaml", ["train.train_iters=30"])
     task = demo_worker_script(launch, "runs/nemo-run/tiny")
     executor = lossfree_run.slurm_executor(launch, account="lossfree", packager=run.Packager(),
-                                           tunnel=run.LocalTunnel())
+                                           tunnel=run.LocalTunnel(job_dir=""))
     run.run(task, executor=executor, name="tiny-cpu")
 
 The same job as ``nemo-lossfree slurm --gpus-per-node 0`` runs
