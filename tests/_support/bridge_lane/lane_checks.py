@@ -92,7 +92,7 @@ def test_megatrons_expert_bias_next_to_the_flag_is_taken_over(one_rank, caplog):
     from nemo_lossfree.router import LossFreeRouter
 
     config, lossfree = _build("model.moe_router_enable_expert_bias=true")
-    with caplog.at_level("WARNING", logger="nemo_lossfree.integrations.bridge.takeover"):
+    with caplog.at_level("WARNING", logger="nemo_lossfree.compat"):
         assert enable_lossfree(config, lossfree) is not None
     assert [r.message for r in caplog.records if "takes it over" in r.message] != []
     assert config.model.moe_router_enable_expert_bias is False
