@@ -7,8 +7,9 @@
 # LossFreeRouter into a recipe's model (and takes over a recipe's own expert
 # bias), every configs/*.yaml merges onto its real recipe and passes Bridge's
 # validation, configs/tiny-cpu.yaml trains 4 steps on 2 CPU processes through
-# Bridge's own pretrain() with the bias moving, and a tiny DeepSeek-V3 model
-# exported to Hugging Face picks the same experts in transformers.
+# Bridge's own pretrain() with the bias moving, a second process resumes it
+# from Bridge's own step-2 checkpoint to the same bits at step 4, and a tiny
+# DeepSeek-V3 model exported to Hugging Face picks the same experts in transformers.
 # Transformer Engine / nvidia-resiliency-ext are import stand-ins (no CPU wheel /
 # broken import); see tests/_support/bridge_lane/import_stand_ins.py and bridge_on_cpu.py.
 set -euo pipefail
