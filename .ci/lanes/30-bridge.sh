@@ -16,9 +16,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 start=$SECONDS
 # Outside the work tree (nothing for git to see); rebuilt when the pins or
-# the project venv it sits on change.
+# the project venv it sits on change (by its real path: a checkout whose .venv
+# links to another checkout's reuses that one's lane venv instead of rebuilding it).
 LANE_VENV=${BRIDGE_LANE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/nemo-lossfree/venv-bridge}
-PROJECT_SITE=$(.venv/bin/python -c 'import site; print(site.getsitepackages()[0])')
+PROJECT_SITE=$(.venv/bin/python -c 'import os, site; print(os.path.realpath(site.getsitepackages()[0]))')
 STAMP=$( (cat tests/_support/bridge_lane/requirements-bridge-lane.txt; echo "$PROJECT_SITE") | sha256sum | cut -c1-16)
 
 if [ "$(cat "$LANE_VENV/.installed" 2>/dev/null)" != "$STAMP" ]; then
