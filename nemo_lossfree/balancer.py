@@ -37,6 +37,14 @@ def find_routers(model_chunks: Iterable[torch.nn.Module]) -> list[LossFreeRouter
     return routers
 
 
+@functools.cache
+def _placement(experts: int, ep_size: int) -> Optional[torch.Tensor]:
+    """EP rank of each expert as Megatron-Core's MoELayer places them (one shared tensor); None for EP 1."""
+    if ep_size == 1 or experts % ep_size:  # MoELayer asserts divisibility; nothing to place otherwise
+        return None
+    return lf_metrics.expert_ranks(experts, ep_size)
+
+
 def layer_id(router: LossFreeRouter, index: int) -> int:
     """Megatron's global layer number (MTP layers after the decoder); else the index."""
     if router.layer_number is None:
@@ -91,6 +99,13 @@ class LossFreeBalancer:
         for router in self.routers:
             router.balancer_attached = True
             router.record_margins = self.uses_margins
+        # Megatron-Core's expert placement per router (None where EP is 1), for the EP-overload metric.
+        self.placements = [_placement(r.expert_bias.numel(), getattr(r.config, "expert_model_parallel_size", 1) or 1)
+                           for r in self.routers]
+        #: ``(layer numbers, [E] counts)`` of the last logging step: the heatmap's input.
+        self.last_loads: Optional[tuple[list[int], list[torch.Tensor]]] = None
+        self._health_armed = False
+        self._arm_health()
 
     def _router_group(self) -> Optional[dist.ProcessGroup]:
         groups = {id(r.tp_dp_cp_group): r.tp_dp_cp_group for r in self.routers}
@@ -110,17 +125,19 @@ class LossFreeBalancer:
         # teacher) or marked frozen keeps its bias.
         return [r for r in self.routers if r.training and not r.frozen_expert_bias]
 
-    def reduce_counts(self, routers: Sequence[LossFreeRouter]) -> torch.Tensor:
+    def reduce_counts(self, routers: Sequence[LossFreeRouter], with_health: bool = False) -> torch.Tensor:
         """Sum the routers' counts over the replica group: one collective, float64.
 
         float64 keeps counts exact past 2**24 tokens per expert (a large
         global batch summed over many ranks), where float32 would round. With
         the quantile rule the margin histograms travel in the same collective,
-        after all counts.
+        after all counts; on logging steps the router-health sums after them.
         """
         parts = [r.local_tokens_per_expert for r in routers]
         if self.uses_margins:
             parts += [r.local_margin_histogram.reshape(-1) for r in routers]
+        if with_health:
+            parts += [r.local_health for r in routers]
         flat = torch.cat(parts).double()
         if dist.is_available() and dist.is_initialized():
             if self.process_group is None or dist.get_world_size(self.process_group) > 1:
@@ -145,7 +162,8 @@ class LossFreeBalancer:
         routers = self._active()
         if not routers:
             return {}
-        flat = self.reduce_counts(routers)
+        log_now = self.steps_done % self.config.log_every == 0
+        flat = self.reduce_counts(routers, with_health=log_now)
         if not torch.isfinite(flat).all():
             # Left in place, the NaNs would poison every later step too.
             self._clear(routers)
@@ -162,45 +180,61 @@ class LossFreeBalancer:
         # so each group is one [L, E] update (models may mix expert counts).
         sizes = [r.local_tokens_per_expert.numel() for r in routers]
         hist_sizes = [r.local_margin_histogram.numel() for r in routers] if self.uses_margins else []
-        pieces = list(torch.split(flat, sizes + hist_sizes))
+        health_sizes = [r.local_health.numel() for r in routers] if log_now else []
+        pieces = list(torch.split(flat, sizes + hist_sizes + health_sizes))
         per_router = pieces[: len(sizes)]
         per_router_hist = [
-            h.view(routers[i].local_margin_histogram.shape) for i, h in enumerate(pieces[len(sizes):])
+            h.view(routers[i].local_margin_histogram.shape)
+            for i, h in enumerate(pieces[len(sizes): len(sizes) + len(hist_sizes)])
         ]
         by_experts: OrderedDict[int, list[int]] = OrderedDict()
         for index, size in enumerate(sizes):
             by_experts.setdefault(size, []).append(index)
-        log_now = self.steps_done % self.config.log_every == 0
-        maxvio: list[float] = []
-        dead: list[float] = []
         result: dict[str, float] = {}
+        if log_now:  # before the update: the biases that routed this step's tokens
+            result.update(self._step_metrics(routers, per_router, pieces[len(sizes) + len(hist_sizes):]))
         for indices in by_experts.values():
             counts_LE = torch.stack([per_router[i] for i in indices])
             hist_LE2B = torch.stack([per_router_hist[i] for i in indices]) if self.uses_margins else None
             if rate > 0:
                 self._update_biases([routers[i] for i in indices], counts_LE, hist_LE2B)
-            if log_now:
-                vio_L = lf_metrics.max_violation(counts_LE).tolist()
-                maxvio.extend(vio_L)
-                dead.extend(lf_metrics.dead_expert_fraction(counts_LE).tolist())
-                for i, value in zip(indices, vio_L):
-                    result[f"lossfree/maxvio_batch_layer_{layer_id(routers[i], i)}"] = value
         self._clear(routers)
         if log_now:
-            result.update(
-                lf_metrics.summarize(maxvio, [r.expert_bias for r in routers], dead)
-            )
-            result["lossfree/update_rate"] = torch.cat(self._rates).mean().item() if self._rates else rate
+            result.update(lf_metrics.bias_summary([r.expert_bias for r in routers]))
+            result[lf_metrics.tag("update_rate")] = torch.cat(self._rates).mean().item() if self._rates else rate
             self.last_metrics = result
         self._rates = []
         self.steps_done += 1
+        self._arm_health()
         return result
+
+    def _step_metrics(self, routers: Sequence[LossFreeRouter], counts: Sequence[torch.Tensor],
+                      health: Sequence[torch.Tensor]) -> dict[str, float]:
+        """A logging step's load and router-health metrics (``metrics.step_metrics``); keeps the loads."""
+        layer_ids = [layer_id(r, i) for i, r in enumerate(routers)]
+        index = {id(r): j for j, r in enumerate(self.routers)}
+        self.last_loads = (layer_ids, list(counts))
+        return lf_metrics.step_metrics(
+            layer_ids, counts, placements=[self.placements[index[id(r)]] for r in routers],
+            biases=[r.expert_bias for r in routers], health=list(health) or None,
+            topks=[r.topk for r in routers],
+        )
+
+    def _arm_health(self) -> None:
+        """Have the routers record their health sums during the next step if it logs (only then)."""
+        wanted = self.steps_done % self.config.log_every == 0
+        if wanted != self._health_armed:
+            for router in self.routers:
+                router.record_health = wanted
+            self._health_armed = wanted
 
     def _clear(self, routers: Sequence[LossFreeRouter]) -> None:
         """Start the routers' next global batch: zero counts and histograms."""
         torch._foreach_zero_([r.local_tokens_per_expert for r in routers])
         if self.uses_margins:
             torch._foreach_zero_([r.local_margin_histogram for r in routers])
+        if self._health_armed:
+            torch._foreach_zero_([r.local_health for r in routers])
         for router in routers:
             router.forwards_since_update = 0
 
