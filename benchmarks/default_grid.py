@@ -5,19 +5,22 @@
 
 Each job is one ``nemo-lossfree demo --arms ARM`` invocation (every arm of the
 demo is deterministic and independent of the others, so one arm per
-invocation gives the numbers a multi-arm run gives). Jobs whose
-``results.json`` exists are skipped, so the script can be stopped and
-resumed; jobs run one at a time (each is two processes on the two cores of
-the development machine). The settings span 8 to 64 experts and top-1 to
+invocation gives the numbers a multi-arm run gives); the default's jobs run
+through ``benchmarks/replay_rules.py``, the same demo run with its router
+scores recorded, so every rule can be replayed on every grid trajectory
+(``replay.json`` beside the arm's results). Jobs whose ``<arm>.json`` is
+finished are skipped, so the script can be stopped and resumed; jobs run
+one at a time (each is two processes on the two cores of the development
+machine). The settings span 8 to 64 experts and top-1 to
 top-8, with and without a dense first layer; none of them is the setting the
 default is tuned on: the default is a fixed ``LossFreeConfig()``, the same for
 all.
 
-Priorities (the order jobs run in): at the first seed on every setting, the
-default, the 1e-2 auxiliary loss and Megatron-Core's quantile balancing; then
-the default at the other seeds (the seed-to-seed spread is what a single
-comparison lacks); then Megatron-Core's expert bias at the first seed, the
-aux loss at the other seeds, the built-ins at the other seeds, and other
+Priorities (the order jobs run in): the default at every seed on every
+setting (the seed-to-seed spread is what a single comparison lacks); at the
+first seed, the 1e-2 auxiliary loss and Megatron-Core's quantile balancing,
+then the auxiliary-loss frontier (1e-3 and 1e-1) and Megatron-Core's expert
+bias; then the aux loss and the built-ins at the other seeds, and other
 candidate rules for comparison.
 """
 
@@ -45,6 +48,8 @@ SEEDS = (1234, 4321, 7)
 CANDIDATES = {
     "default": ("loss_free", []),
     "aux_loss": ("aux_loss", []),
+    "aux_loss_1e-3": ("aux_loss_1e-3", []),
+    "aux_loss_1e-1": ("aux_loss_1e-1", []),
     "megatron_qb": ("megatron_qb", []),
     "megatron_bias": ("megatron_bias", []),
     "proportional": ("loss_free", ["update_rule=proportional", "update_rate=0.05", "schedule=inverse_time",
@@ -56,11 +61,11 @@ CANDIDATES = {
 
 def jobs() -> list[tuple[str, int, str]]:
     first, rest = SEEDS[0], SEEDS[1:]
-    order = [(s, first, c) for c in ("default", "aux_loss", "megatron_qb") for s in SETTINGS]
-    order += [(s, seed, "default") for seed in rest for s in SETTINGS]
-    order += [(s, first, "megatron_bias") for s in SETTINGS]
-    order += [(s, seed, "aux_loss") for seed in rest for s in SETTINGS]
-    order += [(s, seed, c) for seed in rest for s in SETTINGS for c in ("megatron_qb", "megatron_bias")]
+    order = [(s, seed, "default") for seed in SEEDS for s in SETTINGS]
+    order += [(s, first, c) for c in ("aux_loss", "megatron_qb") for s in SETTINGS]
+    order += [(s, first, c) for c in ("aux_loss_1e-3", "aux_loss_1e-1", "megatron_bias") for s in SETTINGS]
+    order += [(s, seed, c) for seed in rest for s in SETTINGS for c in ("aux_loss", "megatron_qb")]
+    order += [(s, seed, "megatron_bias") for seed in rest for s in SETTINGS]
     order += [(s, first, c) for c in ("proportional", "quantile_1.0", "quantile_0.25") for s in SETTINGS]
     return order
 
@@ -69,23 +74,30 @@ def job_dir(out: Path, setting: str, seed: int, label: str) -> Path:
     return out / setting / f"seed_{seed}" / label
 
 
-def run_job(out: Path, setting: str, seed: int, label: str) -> None:
+def run_job(out: Path, setting: str, seed: int, label: str, record: bool = True) -> None:
     arm, overrides = CANDIDATES[label]
     directory = job_dir(out, setting, seed, label)
-    command = [sys.executable, "-m", "nemo_lossfree.apps.cli", "demo", "--quiet", "--arms", arm,
-               "--seed", str(seed), "--out", str(directory), *SETTINGS[setting]]
+    flags = ["--seed", str(seed), *SETTINGS[setting]]
     for item in overrides:
-        command += ["--lossfree", item]
-    print(" ".join(command[2:]), flush=True)
+        flags += ["--lossfree", item]
+    if label == "default" and record:  # recorded, so that other rules can be replayed on it
+        command = [sys.executable, str(Path(__file__).with_name("replay_rules.py")), "--out", str(directory),
+                   *flags]
+    else:
+        command = [sys.executable, "-m", "nemo_lossfree.apps.cli", "demo", "--quiet", "--arms", arm,
+                   "--out", str(directory), *flags]
+    print(" ".join(command[1:]), flush=True)
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 
 def load(out: Path, setting: str, seed: int, label: str):
-    path = job_dir(out, setting, seed, label) / "results.json"
-    if not path.exists():
+    """The finished arm's results (``<arm>.json``), or None."""
+    path = job_dir(out, setting, seed, label) / f"{CANDIDATES[label][0]}.json"
+    try:
+        arm = json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
-    arm = CANDIDATES[label][0]
-    return json.loads(path.read_text())["arms"][arm]
+    return arm if arm.get("finished") else None
 
 
 def summary(out: Path) -> dict:
@@ -103,6 +115,29 @@ def summary(out: Path) -> dict:
                     "per_seed": {str(s): [r["val_loss"], r["maxvio_global"]] for s, r in runs.items()},
                 }
     return table
+
+
+AUX_LABELS = ("aux_loss_1e-3", "aux_loss", "aux_loss_1e-1")
+
+
+def frontier_table(table: dict) -> list[str]:
+    """The default against the auxiliary-loss frontier at the first seed (pareto.matched_balance)."""
+    from nemo_lossfree.apps.demo.pareto import describe, matched_balance
+
+    seed = str(SEEDS[0])
+    lines = ["", f"| setting (seed {seed}) | aux 1e-3 | aux 1e-2 | aux 1e-1 | default | at matched balance |",
+             "|---|---:|---:|---:|---:|---|"]
+    for setting, row in table.items():
+        points = {CANDIDATES[label][0]: row[label]["per_seed"].get(seed) for label in AUX_LABELS + ("default",)
+                  if label in row}
+        arms = {arm: {"val_loss": p[0], "maxvio_global": p[1]} for arm, p in points.items() if p is not None}
+        if len(arms) < 4:
+            continue
+        cells = [f"{arms[CANDIDATES[label][0]]['val_loss']:.4f} / {arms[CANDIDATES[label][0]]['maxvio_global']:.3f}"
+                 for label in AUX_LABELS + ("default",)]
+        verdict = describe(matched_balance(arms)).removeprefix("loss at matched balance: ")
+        lines.append(f"| {setting} | " + " | ".join(cells) + f" | {verdict} |")
+    return lines
 
 
 def markdown(table: dict) -> str:
@@ -166,7 +201,8 @@ def markdown(table: dict) -> str:
             cells = [f"{runs[str(s)][0]:.4f} / {runs[str(s)][1]:.3f}" if str(s) in runs else "" for s in SEEDS]
             vios = [v for _, v in runs.values()]
             lines.append(f"| {setting} | " + " | ".join(cells) + f" | {min(vios):.3f}-{max(vios):.3f} |")
-    others = [c for c in CANDIDATES if c not in ("default", "aux_loss", "megatron_qb", "megatron_bias")
+    lines += frontier_table(table)
+    others = [c for c in CANDIDATES if c not in ("default", "megatron_qb", "megatron_bias") + AUX_LABELS
               and any(c in row for row in table.values())]
     if others:
         lines += ["", "| setting | " + " | ".join(f"{c}: val loss / MaxVio_global" for c in others) + " |",
@@ -181,13 +217,15 @@ def main() -> int:
     parser.add_argument("--out", default="runs/grid")
     parser.add_argument("--summary-only", action="store_true")
     parser.add_argument("--only", default=None, help="comma-separated candidate labels to run")
+    parser.add_argument("--no-record", action="store_true",
+                        help="run the default as a plain demo arm (no recorded scores, no replays)")
     args = parser.parse_args()
     out = Path(args.out)
     if not args.summary_only:
         wanted = set(args.only.split(",")) if args.only else set(CANDIDATES)
         for setting, seed, label in jobs():
             if label in wanted and load(out, setting, seed, label) is None:
-                run_job(out, setting, seed, label)
+                run_job(out, setting, seed, label, record=not args.no_record)
     table = summary(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "grid.json").write_text(json.dumps(table, indent=2) + "\n")

@@ -256,14 +256,16 @@ def hindsight_bias(traj: Trajectory, last_steps: int) -> dict:
 
 
 CANDIDATES = {
-    "quantile u=1.0": dict(update_rule="quantile", update_rate=1.0),
-    "quantile u=0.5": dict(update_rule="quantile", update_rate=0.5),
-    "quantile u=0.25": dict(update_rule="quantile", update_rate=0.25),
-    "quantile u=0.15": dict(update_rule="quantile", update_rate=0.15),
+    "quantile u=1.0": dict(update_rule="quantile", update_rate=1.0, schedule="constant"),
+    "quantile u=0.5": dict(update_rule="quantile", update_rate=0.5, schedule="constant"),
+    "quantile u=0.25": dict(update_rule="quantile", update_rate=0.25, schedule="constant"),
+    "quantile u=0.15": dict(update_rule="quantile", update_rate=0.15, schedule="constant"),
     "quantile adaptive [0.02, 1]": dict(update_rule="quantile", update_rate=1.0, schedule="adaptive",
                                         min_update_rate=0.02),
     "quantile adaptive [0.02, 0.5]": dict(update_rule="quantile", update_rate=0.5, schedule="adaptive",
                                           min_update_rate=0.02),
+    "quantile adaptive [0, 0.5]": dict(update_rule="quantile", update_rate=0.5, schedule="adaptive"),
+    "quantile adaptive [0, 1]": dict(update_rule="quantile", update_rate=1.0, schedule="adaptive"),
     "proportional 1e-2": dict(update_rule="proportional", update_rate=1e-2),
     "sign 1e-3 (paper)": dict(update_rule="sign", update_rate=1e-3),
 }
@@ -277,6 +279,7 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=29527)
     parser.add_argument("--replay-only", action="store_true", help="use the scores already recorded in --out")
     parser.add_argument("--candidates", nargs="*", default=None, help="names of CANDIDATES (default all)")
+    parser.add_argument("--no-hindsight", action="store_true", help="skip the hindsight bounds (the slow part)")
     args, demo_flags = parser.parse_known_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -286,7 +289,8 @@ def main() -> int:
     traj = Trajectory(out, world)
     report = {"settings": traj.settings, "recorded": {
         "maxvio_global": traj.arm["maxvio_global"], "val_loss": traj.arm["val_loss"]}}
-    recorded_config = traj.settings.get("lossfree", {})
+    # The config the run resolved (its defaults may since have changed), else its overrides.
+    recorded_config = traj.arm.get("balancer_state", {}).get("config") or traj.settings.get("lossfree", {})
     check = replay(traj, library_rule(**recorded_config), check_bias=True)
     report["replay_check"] = check
     print(f"replay of the recorded rule: MaxVio_global {check['maxvio_global']:.4f} "
@@ -298,7 +302,7 @@ def main() -> int:
         rows[name] = replay(traj, library_rule(**fields))
         print(f"{name:32s} MaxVio_global {rows[name]['maxvio_global']:.4f}  "
               f"mean MaxVio_batch {rows[name]['maxvio_batch_mean']:.4f}", flush=True)
-    for last in (1, 10):
+    for last in () if args.no_hindsight else (1, 10):
         name = f"hindsight: last {last} batches"
         rows[name] = hindsight_bias(traj, last)
         print(f"{name:32s} MaxVio_global {rows[name]['maxvio_global']:.4f}")

@@ -36,6 +36,7 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
+from nemo_lossfree import megatron_compat
 from nemo_lossfree.metrics import health_size, routing_health
 from nemo_lossfree.update import MARGIN_BINS, margin_histogram, selection_margins
 
@@ -123,7 +124,11 @@ class LossFreeRouter(TopKRouter):
                 "scores and cannot be combined with LossFreeRouter; use none, aux_loss, "
                 "seq_aux_loss or global_aux_loss"
             )
-        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
+        megatron_compat.check_router_config(config)
+        super().__init__(
+            config=config, pg_collection=pg_collection, **megatron_compat.router_init_kwargs(is_mtp_layer)
+        )
+        megatron_compat.add_missing_router_attributes(self)
         # TopKRouter left these as plain None attributes; make them ours.
         for name in _FP32_BUFFERS:
             if name in self.__dict__:
@@ -230,7 +235,7 @@ class LossFreeRouter(TopKRouter):
         Engine) path. The gates are upstream's own
         (``topk_routing_with_score_function(..., precomputed_indices=)``), so
         every score function, pre-softmax and scaling option gates exactly as
-        in ``TopKRouter``.
+        in ``TopKRouter`` (before megatron-core 0.19: ``megatron_compat``).
         """
         cfg = self.config
         gating = dict(
@@ -255,8 +260,8 @@ class LossFreeRouter(TopKRouter):
             _, top_indices_TK = self.router_replay.get_replay_topk(
                 biased_TE, self.topk, *groups, self._topk
             )
-        probs_TE, routing_map_TE = topk_routing_with_score_function(
-            logits_TE, self.topk, precomputed_indices=top_indices_TK, **gating
+        probs_TE, routing_map_TE = megatron_compat.gate_at_indices(
+            logits_TE, self.topk, top_indices_TK, **gating
         )
         return probs_TE, routing_map_TE, top_indices_TK, biased_TE
 

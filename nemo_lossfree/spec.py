@@ -1,9 +1,10 @@
 """Put LossFreeRouter into Megatron-Core layer, block and MTP specs.
 
-megatron-core 0.19 describes an MoE MLP either as
+megatron-core describes an MoE MLP either as
 ``ModuleSpec(module=MoELayer, submodules=MoESubmodules(...))`` or as
-``functools.partial(MoELayer, submodules=MoESubmodules(...))``; both are
-handled. The input spec is never modified: a rewritten copy is returned.
+``functools.partial(MoELayer, submodules=MoESubmodules(...))`` (0.16 and 0.17
+build the first, 0.18 and later the second); both are handled. The input
+spec is never modified: a rewritten copy is returned.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nemo_lossfree import LossFreeBalancer, LossFreeConfig
+from nemo_lossfree.megatron_compat import missing_upstream_feature
 from nemo_lossfree.metrics import max_violation
 from nemo_lossfree.router import LossFreeRouter
 from nemo_lossfree.testing.models import moe_transformer_config
@@ -41,6 +42,8 @@ def _bin_of(values):
 
 def test_equals_qb_dual_update_where_the_bins_separate_the_tokens(single_rank):
     """One micro-batch on one rank, T*K divisible by E: upstream's quantile is exact there."""
+    if why := missing_upstream_feature("quantile_balancing"):
+        pytest.skip(why)  # the comparison arm; the rule itself is tested below on every minor
     from megatron.core.transformer.moe.moe_utils import qb_dual_update
 
     T, E, K = 32, 8, 2
@@ -157,6 +160,8 @@ def _router(pg_collection, experts=16, **overrides):
 @pytest.mark.parametrize("score_function", ["sigmoid", "softmax", "sqrtsoftplus"])
 @pytest.mark.parametrize("groups", [None, (4, 2)])
 def test_router_histogram_matches_its_counts(pg_collection, score_function, groups):
+    if score_function == "sqrtsoftplus" and (why := missing_upstream_feature("sqrtsoftplus")):
+        pytest.skip(why)  # LossFreeRouter refuses it there (tests/test_megatron_compat.py)
     overrides = dict(moe_router_score_function=score_function)
     if groups:
         overrides.update(moe_router_num_groups=groups[0], moe_router_group_topk=groups[1])

@@ -6,10 +6,12 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_mtp_block_spec,
 )
+from megatron.core.transformer.moe import router as upstream_router
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
-from megatron.core.transformer.moe.router import InferenceTopKRouter, TopKRouter
+from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from nemo_lossfree.megatron_compat import missing_upstream_feature
 from nemo_lossfree.router import LossFreeRouter
 from nemo_lossfree.spec import use_loss_free_router
 from nemo_lossfree.testing.models import moe_transformer_config
@@ -36,21 +38,44 @@ def routers_in(spec):
     return found
 
 
-def test_layer_spec_with_partial_mlp():
+def moe_layer_spec(shape):
+    """Upstream's local MoE layer spec with its MLP as ``shape`` ("partial" or "module_spec").
+
+    megatron-core 0.18 and later build a ``functools.partial(MoELayer, ...)``,
+    0.16 and 0.17 a ``ModuleSpec``; both reach users through older specs.
+    """
     spec = get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False)
-    assert isinstance(spec.submodules.mlp, functools.partial)  # megatron-core 0.19 shape
+    mlp = spec.submodules.mlp
+    submodules = mlp.keywords["submodules"] if isinstance(mlp, functools.partial) else mlp.submodules
+    if shape == "partial":
+        spec.submodules.mlp = functools.partial(MoELayer, submodules=submodules)
+    else:
+        spec.submodules.mlp = ModuleSpec(module=MoELayer, submodules=submodules)
+    return spec
+
+
+def test_upstream_layer_spec_as_built():
+    spec = get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False)
+    assert isinstance(spec.submodules.mlp, (functools.partial, ModuleSpec))
     new = use_loss_free_router(spec)
     assert routers_in(new) == [LossFreeRouter]
     assert routers_in(spec) == [TopKRouter]  # the input is not modified
 
 
+def test_layer_spec_with_partial_mlp():
+    spec = moe_layer_spec("partial")
+    new = use_loss_free_router(spec)
+    assert isinstance(new.submodules.mlp, functools.partial)
+    assert routers_in(new) == [LossFreeRouter]
+    assert routers_in(spec) == [TopKRouter]  # the input is not modified
+
+
 def test_layer_spec_with_module_spec_mlp():
-    spec = get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False)
-    partial_mlp = spec.submodules.mlp
-    spec.submodules.mlp = ModuleSpec(module=MoELayer, submodules=partial_mlp.keywords["submodules"])
+    spec = moe_layer_spec("module_spec")
     new = use_loss_free_router(spec)
     assert isinstance(new.submodules.mlp, ModuleSpec)
     assert new.submodules.mlp.submodules.router is LossFreeRouter
+    assert routers_in(spec) == [TopKRouter]
 
 
 def test_decoder_block_spec_with_dense_and_moe_layers(single_rank):
@@ -73,13 +98,21 @@ def test_dense_spec_is_refused():
         use_loss_free_router(get_gpt_layer_local_spec())
 
 
-def test_inference_router_is_not_replaced():
-    spec = get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False)
+class SinkhornRouter(TopKRouter):
+    """A special router of a user's own spec (not the default TopKRouter)."""
+
+
+@pytest.mark.parametrize("special", ["InferenceTopKRouter", "SinkhornRouter"])
+def test_special_routers_are_not_replaced(special):
+    if special == "InferenceTopKRouter" and (why := missing_upstream_feature(special)):
+        pytest.skip(why)
+    router = SinkhornRouter if special == "SinkhornRouter" else upstream_router.InferenceTopKRouter
+    spec = moe_layer_spec("partial")
     subs = spec.submodules.mlp.keywords["submodules"]
     spec.submodules.mlp = functools.partial(
-        MoELayer, submodules=MoESubmodules(experts=subs.experts, router=InferenceTopKRouter)
+        MoELayer, submodules=MoESubmodules(experts=subs.experts, router=router)
     )
-    with pytest.raises(ValueError, match="InferenceTopKRouter cannot be replaced"):
+    with pytest.raises(ValueError, match=f"{special} cannot be replaced"):
         use_loss_free_router(spec)
 
 
