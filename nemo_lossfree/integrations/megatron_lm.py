@@ -25,7 +25,8 @@ What the hooks do:
     (Megatron-LM's ``train()`` keeps a ``finalize_model_grads_func`` that is
     already set, so the update runs inside ``finalize_model_grads``);
 (c) every ``--tensorboard-log-interval`` iterations the balancer's
-    ``lossfree/...`` metrics go to Megatron's TensorBoard and W&B writers;
+    ``lossfree/...`` metrics go to Megatron's TensorBoard and W&B writers
+    (``integrations/logging.py``; the load heatmap every 100 iterations);
 (d) the expert biases are persistent buffers, so Megatron's checkpoints carry
     them; the balancer's step (which drives the rate schedule) is taken from
     ``args.iteration`` on the first step after a resume, unless a saved
@@ -204,6 +205,9 @@ class MegatronLMLossFree:
         self.transformer_config = None
         self._synced_with_iteration = False
         self._restored = False
+        from nemo_lossfree.integrations.logging import MetricsWriter
+
+        self.writer = MetricsWriter()
 
     # (b) ---------------------------------------------------------------
     def add_chunk(self, model_chunk) -> None:
@@ -272,7 +276,7 @@ class MegatronLMLossFree:
         interval = getattr(args, "tensorboard_log_interval", 1) or 1
         if iteration % interval:
             return
-        log_metrics(metrics, iteration)
+        log_metrics(metrics, iteration, self.balancer.last_loads, writer=self.writer)
 
 
 def _megatron_args():
@@ -284,17 +288,14 @@ def _megatron_args():
         return None
 
 
-def log_metrics(metrics: dict, iteration: int) -> None:
-    """Write ``lossfree/...`` scalars to Megatron-LM's TensorBoard and W&B writers (if any)."""
+def log_metrics(metrics: dict, iteration: int, loads=None, writer=None) -> None:
+    """Write ``lossfree/...`` metrics to Megatron-LM's TensorBoard and W&B writers (if any)."""
     from megatron.training.global_vars import get_tensorboard_writer, get_wandb_writer
 
-    writer = get_tensorboard_writer()
-    if writer is not None:
-        for name, value in metrics.items():
-            writer.add_scalar(name, value, iteration)
-    wandb_writer = get_wandb_writer()
-    if wandb_writer is not None:
-        wandb_writer.log(dict(metrics), iteration)
+    from nemo_lossfree.integrations.logging import MetricsWriter
+
+    writer = writer if writer is not None else MetricsWriter()
+    writer.write(iteration, metrics, loads, tensorboard=get_tensorboard_writer(), wandb=get_wandb_writer())
 
 
 _STATE: Optional[MegatronLMLossFree] = None

@@ -24,8 +24,9 @@ What it does when ``enabled``:
   ``LossFreeBalancer`` over the model chunks and attaches it to
   ``finalize_model_grads_func`` (set by Bridge's setup; called once per global
   batch after the last backward), resumes its step counter from the
-  iteration, and writes its ``lossfree/...`` metrics to Bridge's TensorBoard
-  and W&B writers;
+  iteration, and writes its ``lossfree/...`` metrics (and every 100 steps
+  the load heatmap) to Bridge's TensorBoard and W&B writers
+  (``integrations/logging.py``);
 - refuses ``model.moe_router_enable_expert_bias`` (one bias, ours) and warns
   when an auxiliary load-balancing loss is left on.
 """
@@ -127,9 +128,12 @@ def make_callback(settings: LossFreeConfig):
         """Creates the balancer on the built model; logs ``lossfree/...`` each step."""
 
         def __init__(self) -> None:
+            from nemo_lossfree.integrations.logging import MetricsWriter
+
             self.settings = settings
             self.balancer = None
             self._logged_step = -1
+            self.writer = MetricsWriter()
 
         def on_train_start(self, context) -> None:
             from megatron.core.utils import get_model_config
@@ -161,12 +165,7 @@ def make_callback(settings: LossFreeConfig):
             # Bridge fires on_train_step_end before it counts the iteration;
             # +1 puts our scalars at the step of Bridge's own "lm loss".
             step = int(context.state.train_state.step) + 1
-            writer = context.state.tensorboard_logger
-            if writer is not None:
-                for name, value in metrics.items():
-                    writer.add_scalar(name, value, step)
-            wandb_writer = context.state.wandb_logger
-            if wandb_writer is not None:
-                wandb_writer.log(dict(metrics), step)
+            self.writer.write(step, metrics, balancer.last_loads, tensorboard=context.state.tensorboard_logger,
+                              wandb=context.state.wandb_logger)
 
     return LossFreeCallback()
