@@ -131,12 +131,14 @@ def frontier_table(table: dict) -> list[str]:
         points = {CANDIDATES[label][0]: row[label]["per_seed"].get(seed) for label in AUX_LABELS + ("default",)
                   if label in row}
         arms = {arm: {"val_loss": p[0], "maxvio_global": p[1]} for arm, p in points.items() if p is not None}
-        if len(arms) < 4:
+        if "loss_free" not in arms or len(arms) < 3:  # the default and two aux-loss points at least
             continue
-        cells = [f"{arms[CANDIDATES[label][0]]['val_loss']:.4f} / {arms[CANDIDATES[label][0]]['maxvio_global']:.3f}"
-                 for label in AUX_LABELS + ("default",)]
+
+        cells = [arms.get(CANDIDATES[label][0]) for label in AUX_LABELS + ("default",)]
         verdict = describe(matched_balance(arms)).removeprefix("loss at matched balance: ")
-        lines.append(f"| {setting} | " + " | ".join(cells) + f" | {verdict} |")
+        lines.append(f"| {setting} | " + " | ".join(
+            "" if p is None else f"{p['val_loss']:.4f} / {p['maxvio_global']:.3f}" for p in cells)
+            + f" | {verdict} |")
     return lines
 
 

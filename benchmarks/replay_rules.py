@@ -105,9 +105,11 @@ def _worker_main(argv: list[str]) -> int:
             self.model.train()
         rank = dist.get_rank()
         arrays = {}
+        micro = self.settings.num_micro_batches  # the hooks saw one forward per micro-batch
         for i in range(len(self._replay_routers)):
-            arrays[f"train_{i}"] = np.stack(recorded["train"][i])  # [steps, T, E]
-            arrays[f"bias_{i}"] = np.stack(recorded["bias"][i])  # [steps, E]: the bias each step selected with
+            train = np.stack(recorded["train"][i])
+            arrays[f"train_{i}"] = train.reshape(-1, micro, *train.shape[1:])  # [steps, micro-batches, T, E]
+            arrays[f"bias_{i}"] = np.stack(recorded["bias"][i])[::micro]  # [steps, E]: the bias each step used
             arrays[f"val_{i}"] = np.concatenate(val[i])
             arrays[f"final_bias_{i}"] = self._replay_routers[i].expert_bias.float().numpy()
         np.savez(out / f"scores_rank{rank}.npz", **arrays)
@@ -138,7 +140,7 @@ def train_and_record(out: Path, world: int, port: int, demo_flags: list[str]) ->
 
 # ---------------------------------------------------------------- replay
 class Trajectory:
-    """The recorded run: per layer, ``train[rank]`` ``[steps, T, E]``, ``val`` ``[N, E]``."""
+    """The recorded run: per layer, ``train[rank]`` ``[steps, micro-batches, T, E]``, ``val`` ``[N, E]``."""
 
     def __init__(self, out: Path, world: int) -> None:
         import numpy as np
@@ -166,14 +168,20 @@ def _step_inputs(scores_per_rank, bias, topk, margins: bool):
 
     counts = torch.zeros(bias.shape[0], dtype=torch.float64)
     hist = None
-    for scores in scores_per_rank:  # each rank's float32 sums, added in float64 (the all-reduce)
-        biased = scores + bias
-        top = torch.topk(biased, topk, dim=1, sorted=True).indices
-        selected = torch.zeros_like(biased, dtype=torch.bool).scatter_(1, top, True)
-        counts += selected.sum(0, dtype=torch.float32).double()
+    for rank_scores in scores_per_rank:  # each rank's float32 sums, added in float64 (the all-reduce)
+        if rank_scores.dim() == 2:  # recorded before micro-batches were kept apart: one per step
+            rank_scores = rank_scores[None]
+        rank_counts, rank_hist = 0, 0
+        for scores in rank_scores:  # the rank's micro-batches, accumulated in float32 as the router does
+            biased = scores + bias
+            top = torch.topk(biased, topk, dim=1, sorted=True).indices
+            selected = torch.zeros_like(biased, dtype=torch.bool).scatter_(1, top, True)
+            rank_counts = rank_counts + selected.sum(0, dtype=torch.float32)
+            if margins:
+                rank_hist = rank_hist + margin_histogram(selection_margins(biased, selected, topk))
+        counts += rank_counts.double()
         if margins:
-            h = margin_histogram(selection_margins(biased, selected, topk)).double()
-            hist = h if hist is None else hist + h
+            hist = rank_hist.double() if hist is None else hist + rank_hist.double()
     return counts, hist
 
 
@@ -184,6 +192,7 @@ def replay(traj: Trajectory, rule, *, check_bias: bool = False) -> dict:
     from nemo_lossfree.metrics import max_violation
 
     per_layer_global, per_layer_batch, worst_diff = [], [], 0.0
+    gains = [[] for _ in range(traj.layers)]  # the adaptive schedule's gain after each step
     for layer in range(traj.layers):
         bias = torch.zeros(traj.experts, dtype=torch.float32)
         state: dict = {}
@@ -195,6 +204,8 @@ def replay(traj: Trajectory, rule, *, check_bias: bool = False) -> dict:
             counts, hist = _step_inputs(scores, bias, traj.topk, margins=True)
             batch_vio.append(float(max_violation(counts)))
             bias = rule(state, step, counts, hist, bias)
+            if "gain" in state.get("update", {}):
+                gains[layer].append(float(state["update"]["gain"].mean()))
         if check_bias:
             worst_diff = max(worst_diff, float((bias - traj.final_bias[layer]).abs().max()))
         val = traj.val[layer]
@@ -207,6 +218,10 @@ def replay(traj: Trajectory, rule, *, check_bias: bool = False) -> dict:
         "maxvio_global_per_layer": per_layer_global,
         "maxvio_batch_mean": sum(per_layer_batch) / traj.layers,
     }
+    if gains[0]:
+        # Mean over layers at a few steps: where the gain settles.
+        marks = sorted({min(traj.steps, m) for m in (1, traj.steps // 4, traj.steps // 2, traj.steps)})
+        result["gain_at_step"] = {m: sum(g[m - 1] for g in gains) / traj.layers for m in marks}
     if check_bias:
         result["max_abs_bias_diff"] = worst_diff
     return result
@@ -245,7 +260,7 @@ def hindsight_bias(traj: Trajectory, last_steps: int) -> dict:
     per_layer = []
     for layer in range(traj.layers):
         bias = traj.final_bias[layer].clone()
-        pooled = [torch.cat([r[step] for step in range(traj.steps - last_steps, traj.steps)])
+        pooled = [torch.cat([r[step].reshape(-1, traj.experts) for step in range(traj.steps - last_steps, traj.steps)])
                   for r in traj.train[layer]]
         for _ in range(30):
             counts, hist = _step_inputs(pooled, bias, traj.topk, margins=True)
@@ -257,6 +272,7 @@ def hindsight_bias(traj: Trajectory, last_steps: int) -> dict:
 
 CANDIDATES = {
     "quantile u=1.0": dict(update_rule="quantile", update_rate=1.0, schedule="constant"),
+    "quantile u=0.7": dict(update_rule="quantile", update_rate=0.7, schedule="constant"),
     "quantile u=0.5": dict(update_rule="quantile", update_rate=0.5, schedule="constant"),
     "quantile u=0.25": dict(update_rule="quantile", update_rate=0.25, schedule="constant"),
     "quantile u=0.15": dict(update_rule="quantile", update_rate=0.15, schedule="constant"),
@@ -266,6 +282,8 @@ CANDIDATES = {
                                           min_update_rate=0.02),
     "quantile adaptive [0, 0.5]": dict(update_rule="quantile", update_rate=0.5, schedule="adaptive"),
     "quantile adaptive [0, 1]": dict(update_rule="quantile", update_rate=1.0, schedule="adaptive"),
+    "quantile adaptive [0.5, 1]": dict(update_rule="quantile", update_rate=1.0, schedule="adaptive",
+                                       min_update_rate=0.5),
     "proportional 1e-2": dict(update_rule="proportional", update_rate=1e-2),
     "sign 1e-3 (paper)": dict(update_rule="sign", update_rate=1e-3),
 }
@@ -300,8 +318,11 @@ def main() -> int:
         if args.candidates and name not in args.candidates:
             continue
         rows[name] = replay(traj, library_rule(**fields))
+        gain = rows[name].get("gain_at_step")
         print(f"{name:32s} MaxVio_global {rows[name]['maxvio_global']:.4f}  "
-              f"mean MaxVio_batch {rows[name]['maxvio_batch_mean']:.4f}", flush=True)
+              f"mean MaxVio_batch {rows[name]['maxvio_batch_mean']:.4f}"
+              + ("  gain at step " + ", ".join(f"{m}: {g:.2f}" for m, g in gain.items()) if gain else ""),
+              flush=True)
     for last in () if args.no_hindsight else (1, 10):
         name = f"hindsight: last {last} batches"
         rows[name] = hindsight_bias(traj, last)

@@ -94,6 +94,26 @@ def test_demo_bias_headroom_tiny(tmp_path):
     assert "| mean |" in stdout
 
 
+def test_replay_rules_reproduces_the_recorded_run_bit_for_bit(tmp_path):
+    from nemo_lossfree.testing.distributed import free_port
+
+    from _support.demo_workers import TINY
+
+    out = tmp_path / "replay"
+    stdout = run_script("replay_rules.py", "--out", str(out), "--port", str(free_port()), "--steps", "4",
+                        "--no-hindsight", "--candidates", "quantile u=1.0", "quantile adaptive [0, 1]",
+                        *TINY, timeout=900)
+    report = json.loads((out / "replay.json").read_text())
+    # Replaying the recorded rule gives the trained biases exactly and the run's own MaxVio_global.
+    assert report["replay_check"]["max_abs_bias_diff"] == 0.0
+    assert report["replay_check"]["maxvio_global"] == pytest.approx(report["recorded"]["maxvio_global"], abs=1e-9)
+    rules = report["rules"]
+    assert set(rules) == {"quantile u=1.0", "quantile adaptive [0, 1]"}
+    assert "gain_at_step" in rules["quantile adaptive [0, 1]"] and "gain_at_step" not in rules["quantile u=1.0"]
+    assert all(0 <= r["maxvio_global"] and 0 <= r["maxvio_batch_mean"] for r in rules.values())
+    assert "replay of the recorded rule" in stdout
+
+
 def test_metrics_cost_quick(tmp_path):
     out = tmp_path / "metrics.json"
     stdout = run_script("metrics_cost.py", "--quick", "--json", str(out))
