@@ -101,7 +101,7 @@ def plot_run(run: RunLog, path: Path) -> Path:
     ax_ep.set_title("EP overload: busiest EP rank / mean")
     _finish(ax_ep, log=False)
 
-    fig.suptitle(f"{run.name}: load balance over training ({run.directory})", fontsize=11)
+    fig.suptitle(f"{run.name}: load balance over training", fontsize=11)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
