@@ -231,12 +231,18 @@ def expert_ranks(num_experts: int, ep_size: int) -> torch.Tensor:
     return torch.arange(num_experts) // (num_experts // ep_size)
 
 
-_PLACEMENTS: weakref.WeakKeyDictionary[torch.Tensor, dict] = weakref.WeakKeyDictionary()
+# id(placement) -> (a weak reference to it, {device: (its copy there, EP size)}). By id:
+# tensors compare element-wise, so they cannot be dictionary keys by value.
+_PLACEMENTS: dict[int, tuple[weakref.ref, dict]] = {}
 
 
 def _placement_on(placement: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
     """``(placement on device, EP size)``, read and copied once per placement tensor and device."""
-    per_device = _PLACEMENTS.setdefault(placement, {})
+    entry = _PLACEMENTS.get(id(placement))
+    if entry is None or entry[0]() is not placement:
+        key = id(placement)
+        entry = _PLACEMENTS[key] = (weakref.ref(placement, lambda _, key=key: _PLACEMENTS.pop(key, None)), {})
+    per_device = entry[1]
     if device not in per_device:
         per_device[device] = (placement.to(device=device, dtype=torch.int64), int(placement.max()) + 1)
     return per_device[device]

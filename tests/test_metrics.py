@@ -140,6 +140,8 @@ def test_ep_overload_with_an_uneven_placement():
     assert ep_overload(torch.zeros(6), ranks).item() == 1.0  # no tokens: no overload
     out = step_metrics([5], [counts], placements=[ranks])
     assert out["lossfree/ep_overload_layer_5"] == pytest.approx(2.0)
+    # The same placement again (the balancer's every logging step): its device copy is reused.
+    assert step_metrics([5], [counts * 2], placements=[ranks])["lossfree/ep_overload_layer_5"] == pytest.approx(2.0)
     assert "lossfree/ep_overload_layer_5" not in step_metrics([5], [counts])  # EP 1: not written
 
 
