@@ -23,6 +23,7 @@ ranks, S sequence positions, B sequences (micro-batch rows).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import weakref
@@ -236,12 +237,18 @@ def expert_ranks(num_experts: int, ep_size: int) -> torch.Tensor:
 _PLACEMENTS: dict[int, tuple[weakref.ref, dict]] = {}
 
 
+def _forget(table: dict, key: int, _reference: weakref.ref) -> None:
+    table.pop(key, None)
+
+
 def _placement_on(placement: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
     """``(placement on device, EP size)``, read and copied once per placement tensor and device."""
     entry = _PLACEMENTS.get(id(placement))
     if entry is None or entry[0]() is not placement:
         key = id(placement)
-        entry = _PLACEMENTS[key] = (weakref.ref(placement, lambda _, key=key: _PLACEMENTS.pop(key, None)), {})
+        # The callback holds the table itself: at interpreter exit the module global may be gone.
+        forget = functools.partial(_forget, _PLACEMENTS, key)
+        entry = _PLACEMENTS[key] = (weakref.ref(placement, forget), {})
     per_device = entry[1]
     if device not in per_device:
         per_device[device] = (placement.to(device=device, dtype=torch.int64), int(placement.max()) + 1)
