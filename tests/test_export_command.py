@@ -18,6 +18,7 @@ from nemo_lossfree.exit_codes import EXIT_USAGE
 from nemo_lossfree.integrations.export_checkpoint import (
     LOSSFREE_SPEC_TARGET,
     RUN_CONFIG,
+    check_recorded_layer_spec,
     iteration_dir,
     loadable_model_section,
 )
@@ -156,6 +157,25 @@ def test_upstream_spec_is_replaced_unwrapped():
 def test_old_style_checkpoint_without_layer_spec_flag_names_the_flag():
     with pytest.raises(ValueError, match=r"^--layer-spec: required for this checkpoint"):
         loadable_model_section({"transformer_layer_spec": OLD_STYLE})
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("my_pkg.specs.cpu_spec", "--layer-spec: the checkpoint's layer spec my_pkg.specs.cpu_spec is outside "
+                              "Megatron-Bridge's allowlist of importable targets; pass --layer-spec "
+                              "my_pkg.specs.cpu_spec to load it (code you trust)"),
+    ("cpu_mla.with_cpu_mla.<locals>.spec", "--layer-spec: the checkpoint's layer spec "
+                                           "cpu_mla.with_cpu_mla.<locals>.spec was defined inside a function"),
+])
+def test_recorded_spec_bridge_would_not_import_names_the_flag(target, expected):
+    section = {"transformer_layer_spec": {"_target_": LOSSFREE_SPEC_TARGET,
+                                          "inner": {"_target_": target, "_call_": False}}}
+    with pytest.raises(ValueError) as refused:
+        check_recorded_layer_spec(section)
+    assert str(refused.value).startswith(expected)
+    # megatron.core is on every allowlist (Bridge adds megatron., nemo., ... when it is imported).
+    upstream_spec = "megatron.core.models.gpt.gpt_layer_specs.get_gpt_decoder_block_spec"
+    check_recorded_layer_spec({"transformer_layer_spec": {
+        "_target_": LOSSFREE_SPEC_TARGET, "inner": {"_target_": upstream_spec, "_call_": False}}})
 
 
 def _decoder_spec(config, vp_stage=None):

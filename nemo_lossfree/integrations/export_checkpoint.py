@@ -7,8 +7,10 @@
 loading and the conversion are Megatron-Bridge's own
 (``AutoBridge.load_megatron_model``: the model provider from the
 checkpoint's ``run_config.yaml``, weights through ``dist_checkpointing``, on
-the CPU with gloo, any training layout collapsed to one rank); what goes out
-is ``export.export_to_hf``'s (the target refusals, the bias shift).
+the CPU with gloo, any training layout collapsed to one rank;
+``AutoBridge.from_auto_config``: the Hugging Face config of the checkpoint's
+architecture in the ``--hf-model`` family's format); what goes out is
+``export.export_to_hf``'s (the target refusals, the bias shift).
 
 Two entries of a loss-free run's ``run_config.yaml`` do not instantiate as
 Bridge writes them, so Bridge's loader is given a view of the checkpoint (its
@@ -42,6 +44,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from nemo_lossfree.integrations.export import ExportRefused
+
 #: The file Bridge writes the ConfigContainer to in every checkpoint folder.
 RUN_CONFIG = "run_config.yaml"
 #: How ``LossFreeLayerSpec`` appears as a ``_target_`` in a run config.
@@ -53,23 +57,23 @@ _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*[.:][A-Za-z_]\w*$")
 def iteration_dir(checkpoint_dir: Union[str, Path]) -> Path:
     """The folder holding one saved iteration: the newest ``iter_*`` in ``checkpoint_dir``, or itself.
 
-    ``ValueError`` naming ``CHECKPOINT_DIR`` when there is none, or when it is
+    ``ExportRefused`` naming ``CHECKPOINT_DIR`` when there is none, or when it is
     a Megatron-LM checkpoint (no ``run_config.yaml``). Cheap: no imports.
     """
     path = Path(checkpoint_dir)
     if not path.is_dir():
-        raise ValueError(f"CHECKPOINT_DIR: {path} is not a directory")
+        raise ExportRefused(f"CHECKPOINT_DIR: {path} is not a directory")
     iterations = [(int(m.group(1)), p) for p in path.iterdir()
                   if p.is_dir() and (m := _ITERATION.match(p.name))]
     if iterations:
         path = max(iterations)[1]
     if not (path / RUN_CONFIG).is_file():
         if (path / "common.pt").is_file() or any(path.glob("mp_rank_*")):
-            raise ValueError(
+            raise ExportRefused(
                 f"CHECKPOINT_DIR: {path} is a Megatron-LM checkpoint (no {RUN_CONFIG}); this command "
                 "exports Megatron-Bridge checkpoints (the checkpoint.save folder of a Bridge run)"
             )
-        raise ValueError(
+        raise ExportRefused(
             f"CHECKPOINT_DIR: {path} has no {RUN_CONFIG} and no iter_* folder: not a Megatron-Bridge checkpoint"
         )
     return path
@@ -78,7 +82,7 @@ def iteration_dir(checkpoint_dir: Union[str, Path]) -> Path:
 def check_layer_spec(value: Optional[str]) -> None:
     """``--layer-spec`` has the shape of an import path (``pkg.mod:function`` or ``pkg.mod.function``)."""
     if value is not None and not _IMPORT_PATH.match(value):
-        raise ValueError(f"--layer-spec: expected module:function or module.function, got {value!r}")
+        raise ExportRefused(f"--layer-spec: expected module:function or module.function, got {value!r}")
 
 
 def _target(import_path: str) -> str:
@@ -110,11 +114,38 @@ def loadable_model_section(model_section: dict, layer_spec: Optional[str] = None
             {"_target_": LOSSFREE_SPEC_TARGET, "inner": chosen} if _is_lossfree_spec(spec) else chosen
         )
     elif needs_layer_spec(section):
-        raise ValueError(
+        raise ExportRefused(
             "--layer-spec: required for this checkpoint: its run config names LossFreeLayerSpec but not "
             "the layer spec it wrapped; pass the run's model.transformer_layer_spec as module:function"
         )
     return section
+
+
+def check_recorded_layer_spec(section: dict) -> None:
+    """Refuse, naming ``--layer-spec``, a recorded inner spec that Bridge's loader would not import.
+
+    Bridge instantiates run configs only from allow-listed modules
+    (``megatron.``, ``torch.``, ...), and a closure has no importable name.
+    Naming the spec with ``--layer-spec`` is the user's statement that it is
+    trusted code.
+    """
+    from megatron.training.config.instantiate_utils import target_allowlist
+
+    spec = section.get("transformer_layer_spec")
+    inner = spec.get("inner") if _is_lossfree_spec(spec) else None
+    target = inner.get("_target_") if isinstance(inner, dict) else None
+    if target is None:
+        return
+    if "<locals>" in target:
+        raise ExportRefused(
+            f"--layer-spec: the checkpoint's layer spec {target} was defined inside a function and cannot "
+            "be imported; pass the run's model.transformer_layer_spec as module:function"
+        )
+    if not target_allowlist.is_allowed(target):
+        raise ExportRefused(
+            f"--layer-spec: the checkpoint's layer spec {target} is outside Megatron-Bridge's allowlist of "
+            f"importable targets; pass --layer-spec {target} to load it (code you trust)"
+        )
 
 
 def _allow_targets(section: dict, layer_spec: Optional[str]) -> None:
@@ -145,7 +176,7 @@ def _resolve_layer_spec(import_path: str) -> Any:
     try:
         return import_object(import_path)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise ValueError(f"--layer-spec: cannot import {import_path}: {exc}") from None
+        raise ExportRefused(f"--layer-spec: cannot import {import_path}: {exc}") from None
 
 
 def export_checkpoint_to_hf(checkpoint_dir: Union[str, Path], hf_model: Union[str, Path],
@@ -154,8 +185,9 @@ def export_checkpoint_to_hf(checkpoint_dir: Union[str, Path], hf_model: Union[st
     """Load a Bridge checkpoint on the CPU and save it as a Hugging Face checkpoint; returns the iteration folder.
 
     ``hf_model`` is the target family's Hugging Face model id or local
-    folder (its config, tokenizer and custom code go with the export, as in
-    Bridge's own ``export_ckpt``). Raises ``ValueError`` (one line, naming
+    folder (config and tokenizer; its weights are not read): Bridge's
+    ``AutoBridge.from_auto_config`` writes the checkpoint's architecture in
+    that family's config format and carries the tokenizer along. Raises ``ExportRefused`` (one line, naming
     the flag or the model field) for a bad checkpoint, spec or target.
     """
     from megatron.bridge import AutoBridge
@@ -170,10 +202,15 @@ def export_checkpoint_to_hf(checkpoint_dir: Union[str, Path], hf_model: Union[st
         _resolve_layer_spec(layer_spec)  # fail here, in one line, not inside Bridge's instantiation
     run_config = read_run_config(str(source / RUN_CONFIG))
     run_config["model"] = loadable_model_section(run_config["model"], layer_spec)
+    if layer_spec is None:
+        check_recorded_layer_spec(run_config["model"])
     _allow_targets(run_config["model"], layer_spec)
-    bridge = AutoBridge.from_hf_pretrained(str(hf_model), trust_remote_code=trust_remote_code)
     with tempfile.TemporaryDirectory(prefix="lossfree-export-") as tmp:
         view = _checkpoint_view(source, Path(tmp) / source.name, run_config)
+        # Bridge's config-only export bridge: the Hugging Face config of the checkpoint's own
+        # architecture, conformed to hf_model's (a small DeepSeek-V3-style model exports as
+        # itself); hf_model's tokenizer and files go along; none of its weights are read.
+        bridge = AutoBridge.from_auto_config(str(view), str(hf_model), trust_remote_code=trust_remote_code)
         with temporary_distributed_context(backend="gloo"):
             model = bridge.load_megatron_model(str(view), wrap_with_ddp=False)
             export_to_hf(model, bridge, hf_path)

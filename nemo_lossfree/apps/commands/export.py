@@ -73,12 +73,13 @@ def run(args: argparse.Namespace) -> int:
         print(prefix + missing, file=sys.stderr)
         return EXIT_USAGE
 
+    from nemo_lossfree.integrations.export import ExportRefused
     from nemo_lossfree.integrations.export_checkpoint import export_checkpoint_to_hf
 
     try:
         export_checkpoint_to_hf(source, args.hf_model, out, layer_spec=args.layer_spec,
                                 trust_remote_code=args.trust_remote_code)
-    except ValueError as exc:
+    except ExportRefused as exc:  # ours; anything else from Bridge or transformers keeps its traceback
         print(prefix + str(exc), file=sys.stderr)
         return EXIT_USAGE
     print(f"exported {source} to {out} (Hugging Face; biases shifted so each layer's smallest is 0)")
