@@ -18,8 +18,11 @@ files linked, nothing copied or changed) whose run config fixes them:
 
 - ``model.transformer_layer_spec`` is ``LossFreeLayerSpec`` around the
   recipe's spec. It is rebuilt, so the model has ``LossFreeRouter`` and the
-  routers' keys (``mlp.router.expert_bias``, the balancer's ``_extra_state``)
-  load. ``LossFreeLayerSpec`` records the spec it wraps
+  trained ``mlp.router.expert_bias`` loads (the run config says
+  ``moe_router_enable_expert_bias: false``: Megatron's ``TopKRouter`` would
+  have no buffer, and Bridge's loader skips checkpoint keys the model lacks,
+  silently). Bridge's weight loader drops ``_extra_state``: the balancer's
+  step counter is not needed to export. ``LossFreeLayerSpec`` records the spec it wraps
   (``to_cfg_dict``); a checkpoint written before it did names none, and then
   ``--layer-spec`` (the run's ``model.transformer_layer_spec``) is required.
   ``--layer-spec`` also replaces a recorded spec (e.g. Bridge's local spec on

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         export_checkpoint_to_hf(source, args.hf_model, out, layer_spec=args.layer_spec,
                                 trust_remote_code=args.trust_remote_code)
     except ExportRefused as exc:  # ours; anything else from Bridge or transformers keeps its traceback
-        print(prefix + str(exc), file=sys.stderr)
+        print(prefix + str(exc).removeprefix("export: "), file=sys.stderr)
         return EXIT_USAGE
     print(f"exported {source} to {out} (Hugging Face; biases shifted so each layer's smallest is 0)")
     return 0

@@ -152,6 +152,24 @@ def test_tiny_cpu_trains_through_bridges_pretrain_and_the_bias_moves(tmp_path):
     # Centered: the mean bias stays at 0.
     assert all(abs(value) < 1e-6 for _, value in scalars["lossfree/bias_mean"])
 
+    # Its checkpoint through `nemo-lossfree export`: the run_config.yaml Bridge wrote
+    # (LossFreeLayerSpec with the spec it wrapped, the balancer's finalize_model_grads
+    # wrapper) loads with no --layer-spec, the EP=2 layout collapsed to one CPU process.
+    # A vanilla GPT has no Hugging Face family with an expert-bias slot: after loading,
+    # the export is refused in one line and nothing is written.
+    out = tmp_path / "hf"
+    export = [
+        sys.executable, str(ROOT / "tests" / "_support" / "bridge_lane" / "run_with_stand_ins.py"),
+        "-m", "nemo_lossfree.apps.cli", "export", str(tmp_path / "ckpt"),
+        "--hf-model", str(ROOT / "tests" / "_support" / "bridge_lane" / "hf_configs" / "Qwen--Qwen3-30B-A3B"),
+        "--hf-path", str(out),
+    ]
+    result = subprocess.run(export, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, (result.stdout + result.stderr)[-6000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "nemo-lossfree export: Qwen3MoeForCausalLM has no expert-bias slot in Hugging Face transformers")
+    assert not out.exists()
+
 
 # --- every configs/*.yaml on the real recipe it names ----------------------
 
