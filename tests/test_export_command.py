@@ -198,3 +198,17 @@ def test_lossfree_layer_spec_records_the_spec_it_wraps(monkeypatch):
         rebuilt = instantiate(yaml.safe_load(text)["transformer_layer_spec"])
         assert type(rebuilt) is LossFreeLayerSpec
         assert rebuilt.inner("cfg") == inner("cfg")
+
+
+def test_bad_flags_are_answered_before_torch_is_imported(tmp_path):
+    """The one line comes in a second: neither Megatron-Bridge nor torch is imported for it."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom nemo_lossfree.apps.cli import main\n"
+             f"code = main(['export', {str(tmp_path / 'missing')!r}, '--hf-model', 'org/name', "
+             f"'--hf-path', {str(tmp_path / 'out')!r}])\n"
+             "print(code, sorted(m for m in ('torch', 'megatron') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split("\n")[0] == f"{EXIT_USAGE} []", result.stdout + result.stderr
+    assert result.stderr.strip().startswith("nemo-lossfree export: CHECKPOINT_DIR:")

@@ -43,9 +43,10 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
 
-import torch
+if TYPE_CHECKING:  # imported where used: `nemo-lossfree export` checks its flags without torch
+    import torch
 
 
 class ExportRefused(ValueError):
@@ -99,6 +100,8 @@ def shift_for_export(bias_E: torch.Tensor) -> torch.Tensor:
     inference code that masks losing groups with 0.0 cannot pick a masked
     expert.
     """
+    import torch
+
     return bias_E - torch.clamp(bias_E.min(), max=0.0)
 
 
@@ -114,6 +117,8 @@ def _expert_biases(model: Sequence[torch.nn.Module]) -> list[torch.Tensor]:
 @contextlib.contextmanager
 def shifted_expert_biases(model: Sequence[torch.nn.Module]) -> Iterator[int]:
     """Every router's ``expert_bias`` shifted for export inside the block; restored after."""
+    import torch
+
     biases = _expert_biases(model)
     saved = [b.detach().clone() for b in biases]
     try:
@@ -138,6 +143,7 @@ def export_to_hf(model: Union[torch.nn.Module, Sequence[torch.nn.Module]], bridg
     ``save_hf_pretrained`` (collective: every rank calls it). Extra keyword
     arguments go to ``save_hf_pretrained``.
     """
+    import torch
     from megatron.core.utils import get_model_config
 
     from nemo_lossfree.integrations.bridge import register_router_for_conversion
