@@ -177,15 +177,21 @@ def test_tiny_cpu_trains_through_bridges_pretrain_and_the_bias_moves(four_steps)
     # Centered: the mean bias stays at 0.
     assert all(abs(value) < 1e-6 for _, value in scalars["lossfree/bias_mean"])
 
-    # Its checkpoint through `nemo-lossfree export`: the run_config.yaml Bridge wrote
-    # (LossFreeLayerSpec with the spec it wrapped, the balancer's finalize_model_grads
-    # wrapper) loads with no --layer-spec, the EP=2 layout collapsed to one CPU process.
-    # A vanilla GPT has no Hugging Face family with an expert-bias slot: after loading,
-    # the export is refused in one line and nothing is written.
+
+def test_the_runs_checkpoint_loads_through_the_export_command(four_steps, tmp_path):
+    """`nemo-lossfree export` on the checkpoint Bridge's pretrain() saved (newest: step 4).
+
+    The run_config.yaml Bridge wrote (LossFreeLayerSpec with the spec it wrapped,
+    the balancer's finalize_model_grads wrapper) loads with no --layer-spec, the
+    EP=2 layout collapsed to one CPU process. A vanilla GPT has no Hugging Face
+    family with an expert-bias slot: after loading, the export is refused in one
+    line and nothing is written.
+    """
+    workdir, _ = four_steps
     out = tmp_path / "hf"
     export = [
         sys.executable, str(ROOT / "tests" / "_support" / "bridge_lane" / "run_with_stand_ins.py"),
-        "-m", "nemo_lossfree.apps.cli", "export", str(tmp_path / "ckpt"),
+        "-m", "nemo_lossfree.apps.cli", "export", str(workdir / "ckpt"),
         "--hf-model", str(ROOT / "tests" / "_support" / "bridge_lane" / "hf_configs" / "Qwen--Qwen3-30B-A3B"),
         "--hf-path", str(out),
     ]
