@@ -83,6 +83,11 @@ class LossFreeLayerSpec:
     def __repr__(self) -> str:
         return f"LossFreeLayerSpec({self.inner!r})"
 
+    def to_cfg_dict(self) -> dict:
+        """How Bridge's ``run_config.yaml`` records it: with the spec it wraps, so the
+        checkpoint rebuilds this model (``nemo-lossfree export``; see export_checkpoint.py)."""
+        return {"_target_": f"{type(self).__module__}.{type(self).__qualname__}", "inner": self.inner}
+
 
 def _is_module_spec(value: Any) -> bool:
     from megatron.core.transformer.spec_utils import ModuleSpec
