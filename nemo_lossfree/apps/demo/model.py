@@ -47,8 +47,9 @@ def settings_fields(settings: DemoSettings) -> dict[str, Any]:
 
 
 def transformer_config(settings: DemoSettings, arm_fields: dict[str, Any], expert_model_parallel_size: int):
-    """The ``TransformerConfig`` of one arm: the settings' shape, the CPU fields, then the arm's fields."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    """The ``TransformerConfig`` of one arm: the settings' shape, the CPU fields, then the arm's fields.
+    Megatron's refusal is a ``ValueError`` of one line naming the ``model.`` key (``runconfig``'s one build)."""
+    from nemo_lossfree.runconfig.transformer_config import build
 
     fields = dict(
         settings_fields(settings), **CPU_MODEL_FIELDS,
@@ -57,7 +58,7 @@ def transformer_config(settings: DemoSettings, arm_fields: dict[str, Any], exper
         params_dtype=torch.float32,
     )
     fields.update(arm_fields)
-    return TransformerConfig(**fields)
+    return build(fields)
 
 
 def layer_spec(settings: DemoSettings, config, *, loss_free: bool):

@@ -242,6 +242,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    # CPU mode first: it must run before Megatron-Core's router module is imported,
+    # and checking the run config imports it (TransformerConfig's module does).
+    from nemo_lossfree.testing import cpu
+
+    cpu.enable()
     try:
         from nemo_lossfree.apps.demo.arms import parse_arms
         from nemo_lossfree.apps.demo.settings import check_run
@@ -255,10 +260,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"nemo_lossfree.apps.demo.worker: {line}", file=sys.stderr)
         return EXIT_USAGE
 
-    # CPU mode first: it must run before Megatron-Core's router module is imported.
-    from nemo_lossfree.testing import cpu
-
-    cpu.enable()
     import torch
 
     torch.set_num_threads(int(os.environ.get("NEMO_LOSSFREE_THREADS", "1")))
