@@ -392,8 +392,12 @@ def test_cli_gpu_job_runs_the_bridge_entry_point(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     # A layout Megatron accepts that the CPU worker does not run (validation passes first).
-    (["model.tensor_model_parallel_size=2", "model.sequence_parallel=true", "--ntasks-per-node", "4"],
+    (["model.tensor_model_parallel_size=2", "model.sequence_parallel=true", "model.add_bias_linear=false",
+      "--ntasks-per-node", "4"],
      "model.tensor_model_parallel_size: the CPU demo's model runs 1"),
+    # Megatron's TransformerConfig refuses it (ETP defaults to TP, linear biases are on by default).
+    (["model.tensor_model_parallel_size=2", "model.sequence_parallel=true", "--ntasks-per-node", "4"],
+     "model: Megatron-Core's TransformerConfig refuses it: \"Bias in Moe is only supported when ETP==1\""),
     (["--ntasks-per-node", "3"], "model.expert_model_parallel_size: EP x ETP = 2 x 1 must divide"),
     (["train.global_batch_size=6"], "train.global_batch_size: must be divisible by micro_batch_size x DP"),
     (["--gpus-per-node", "8", "--ntasks-per-node", "3"], "--ntasks-per-node: with GPUs it must be 1"),
