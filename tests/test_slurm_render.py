@@ -452,6 +452,12 @@ def test_cli_refuses_what_validate_config_refuses(tmp_path, argv, message, summa
     assert "Traceback" not in proc.stderr
 
 
+def test_cli_names_the_flag_of_a_missing_config(tmp_path):
+    proc = _cli("--config", "nope.yaml", "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["nemo-lossfree slurm: --config: nope.yaml: no such file"]
+
+
 def test_cli_refuses_too_few_nodes_for_the_configs_layout(tmp_path):
     """configs/deepseek-v3-1024gpu.yaml needs a multiple of TP 2 x PP 16 = 32 GPUs; 3 nodes x 8 are 24."""
     config = CONFIGS / "deepseek-v3-1024gpu.yaml"

@@ -354,3 +354,11 @@ def test_megatron_refusal_is_the_only_output_of_the_process():
         "model.num_attention_heads: num_attention_heads (4) must be a multiple of tensor_model_parallel_size (3).",
         f"{TINY}: 1 problem(s)",
     ]
+
+
+def test_a_file_given_by_a_flag_is_named_with_the_flag(tmp_path):
+    """One rule for every command that reads a run config from a flag (slurm, Bridge's entry point, the worker)."""
+    with pytest.raises(RunConfigError, match=rf"^--config: {tmp_path / 'nope.yaml'}: no such file$"):
+        load_run_config(tmp_path / "nope.yaml", flag="--config")
+    with pytest.raises(RunConfigError, match=r"^lossfree.rate: unknown key"):  # a key names itself
+        load_run_config(TINY, ["lossfree.rate=1"], flag="--config")

@@ -27,7 +27,6 @@ from nemo_lossfree.apps.commands import check_output_dir
 from nemo_lossfree.apps.commands.validate_config import validate
 from nemo_lossfree.apps.slurm.job import LAUNCHERS, SlurmJob
 from nemo_lossfree.exit_codes import EXIT_FAILED, EXIT_USAGE
-from nemo_lossfree.runconfig.load import ConfigFileError
 
 PREFIX = "nemo-lossfree slurm: "
 LAYOUT_FLAGS = (("--nodes", "nodes"), ("--gpus-per-node", "gpus_per_node"),
@@ -147,10 +146,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config, common, layout, out_dir = prepare(args)
-    except ConfigFileError as exc:
-        print(f"{PREFIX}--config: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ValueError as exc:
+    except ValueError as exc:  # a RunConfigError too: it names the key, or --config and the file
         print(f"{PREFIX}{exc}", file=sys.stderr)
         return EXIT_USAGE
     problems, _ = validate(with_layout(config, layout), prefix=PREFIX)

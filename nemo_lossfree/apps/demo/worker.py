@@ -129,13 +129,10 @@ def settings_of(parser: argparse.ArgumentParser, args: argparse.Namespace,
     if given:
         raise ValueError(f"{given[0]}: the run config sets the model and training; give it as an override "
                          "(KEY=VALUE) or drop --config")
-    from nemo_lossfree.runconfig.load import ConfigFileError, load_run_config
+    from nemo_lossfree.runconfig.load import load_run_config
     from nemo_lossfree.runconfig.validate import check
 
-    try:
-        config = load_run_config(args.config, args.overrides)
-    except ConfigFileError as exc:
-        raise ValueError(f"--config: {exc}") from None
+    config = load_run_config(args.config, args.overrides, flag="--config")  # a ValueError names the key
     world = environment_world_size()
     config.setdefault("cluster", {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": world})
     if world_size_of(config) not in (None, world):
