@@ -241,9 +241,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     # CPU mode first: it must run before Megatron-Core's router module is imported,
     # and checking the run config imports it (TransformerConfig's module does).
+    # Quietly: Megatron's import warnings must not bury a bad flag's one line.
+    from nemo_lossfree.runconfig.megatron_fields import quiet
     from nemo_lossfree.testing import cpu
 
-    cpu.enable()
+    with quiet():
+        cpu.enable()
     try:
         from nemo_lossfree.apps.demo.arms import parse_arms
         from nemo_lossfree.apps.demo.settings import check_run
