@@ -487,7 +487,7 @@ def test_cli_refuses_a_bad_config_before_writing_or_submitting(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "nemo_lossfree.apps.cli", "slurm", "--config", "tiny.yaml",
                            "--output-dir", "job", "lossfree.update_rate=-1"],
                           cwd=tmp_path, env=_fake_sbatch(tmp_path), capture_output=True, text=True,
-                          timeout=60)
+                          timeout=180)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert not (tmp_path / "job").exists()
     assert not (tmp_path / "sbatch_calls").exists()

@@ -146,6 +146,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config, common, layout, out_dir = prepare(args)
+        # Before validating (it imports Megatron-Core to build its TransformerConfig: seconds):
+        # a bad --output-dir costs nothing. Created only at the end.
+        check_output_dir(out_dir, "--output-dir", create=False)
     except ValueError as exc:  # a RunConfigError too: it names the key, or --config and the file
         print(f"{PREFIX}{exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -157,9 +160,6 @@ def run(args: argparse.Namespace) -> int:
               "nothing written or submitted", file=sys.stderr)
         return EXIT_USAGE
     try:
-        # Before building the job (a CPU job constructs Megatron's TransformerConfig):
-        # a bad --output-dir costs nothing. Created only at the end.
-        check_output_dir(out_dir, "--output-dir", create=False)
         job, run_config = build_job(args, config, common, layout, out_dir)
         script_path = out_dir / f"{job.job_name}.sbatch"
         text = render_sbatch(
