@@ -10,6 +10,9 @@ caller's user wrote it) and reads the settings from whatever the caller has:
 - ``integrations.bridge``: a Bridge ``GPTModelProvider`` (``yaml_key``).
 
 No framework is imported here: the rules are about settings, not modules.
+What a Hugging Face export target can carry is not a combination with
+loss-free balancing (it holds for Megatron's own expert bias too) and lives
+with the export: ``integrations.export.check_routing_exportable``.
 """
 
 from __future__ import annotations
@@ -84,21 +87,43 @@ def refuse_upstream_expert_bias(config: Any, user: str, spell: Spell = field_nam
     )
 
 
-def take_over_upstream_expert_bias(config: Any, spell: Spell = field_name) -> bool:
+def take_over_upstream_expert_bias(config: Any, update_rate: float, spell: Spell = field_name) -> bool:
     """Turn Megatron-Core's expert-bias update off in favour of ours; True when it was on.
 
-    For framework recipes that enable it themselves (Megatron-Bridge's
-    DeepSeek-V3, GLM and Kimi providers): enabling loss-free balancing takes
-    their bias over instead of failing. One log line says so.
+    For frameworks whose recipes turn the flag on themselves, before the model
+    is built: Megatron-Bridge 0.6.2 sets it in the bridges of DeepSeek-V3 and
+    V4, GLM-4.5 / 4.7-Flash / 5, Kimi (and Kimi-K2.5-VL), ERNIE-4.5 (and VL),
+    MiniMax-M2 / M3, Nemotron-H, Bailing-MoE-V2, HY-V3 and MiMo-V2-Flash, in
+    the providers of Sarvam, EXAONE-MoE, GLM-4.5V, Nemotron-VL / Omni, in the
+    Nemotron-H / Nano recipes, and in Step-3.5 / 3.7 when the checkpoint's
+    config asks for it. Enabling loss-free balancing there takes the bias over
+    instead of failing:
+
+    - Megatron's update is switched off (``finalize_model_grads`` no longer
+      moves the bias: one update per step, ours);
+    - the bias stays: ``LossFreeRouter`` registers the same persistent float32
+      buffer, ``expert_bias``, so the checkpoint key
+      (``decoder.layers.N.mlp.router.expert_bias``) and Bridge's Hugging Face
+      mapping (``mlp.router.expert_bias`` <-> ``mlp.gate.e_score_correction_bias``)
+      are unchanged, and a checkpoint of Megatron's ``TopKRouter`` loads into
+      ``LossFreeRouter`` and back;
+    - one warning line says so (a setting of the recipe was changed).
+
+    ``config`` is a mapping (a run config's ``model:`` section) or an object
+    with the ``TransformerConfig`` fields (a Bridge ``GPTModelProvider``);
+    ``update_rate`` is the rate that applies from now on (``lossfree.update_rate``).
+    The raw Megatron-Core API keeps refusing (``refuse_upstream_expert_bias``).
     """
     if not upstream_expert_bias_on(config):
         return False
     value = _get(config, "moe_router_enable_expert_bias")
     _set(config, "moe_router_enable_expert_bias", False)
-    logger.info(
-        "%s: was %r, set to false: the loss-free balancer takes over the expert-bias update "
-        "(same expert_bias buffer, updated once per global batch by LossFreeBalancer)",
-        spell("moe_router_enable_expert_bias"), value,
+    logger.warning(
+        "%s: was %r (Megatron-Core's expert-bias update, rate %s), set to false: LossFreeRouter takes "
+        "it over: the bias buffer and its checkpoint key mlp.router.expert_bias stay, updated once per "
+        "global batch by LossFreeBalancer at lossfree.update_rate %s",
+        spell("moe_router_enable_expert_bias"), value, _get(config, "moe_router_bias_update_rate"),
+        update_rate,
     )
     return True
 

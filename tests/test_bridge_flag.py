@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import logging
 import subprocess
 import sys
 import types
@@ -20,7 +19,6 @@ from nemo_lossfree.integrations.bridge import (
     lossfree_config,
 )
 from nemo_lossfree.integrations.bridge import pretrain as bridge_pretrain
-from nemo_lossfree.integrations.bridge.takeover import take_over_expert_bias
 from nemo_lossfree.testing.models import moe_transformer_config
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml")
@@ -96,23 +94,6 @@ def test_flag_off_or_absent_changes_nothing():
     assert enable_lossfree(holder, {"enabled": False}) is None
     assert enable_lossfree(holder, None) is None
     assert holder.model.transformer_layer_spec is _local_spec
-
-
-def test_a_recipes_megatron_expert_bias_is_taken_over_with_one_log_line(caplog):
-    """(enable_lossfree calls this; the Bridge lane runs it on real recipes.)"""
-    model = _holder(moe_router_enable_expert_bias=True, moe_router_bias_update_rate=1e-3).model
-    with caplog.at_level(logging.INFO, logger="nemo_lossfree"):
-        assert take_over_expert_bias(model, 2e-3) is True
-    assert model.moe_router_enable_expert_bias is False
-    assert [r.getMessage() for r in caplog.records] == [
-        "lossfree: model.moe_router_enable_expert_bias was True (Megatron-Core's expert-bias "
-        "update, rate 0.001); LossFreeRouter takes it over: Megatron's update is off, the bias "
-        "buffer and its checkpoint key mlp.router.expert_bias stay, lossfree.update_rate 0.002 applies"
-    ]
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="nemo_lossfree"):
-        assert take_over_expert_bias(model, 2e-3) is False  # nothing left to take over
-    assert caplog.records == []
 
 
 def test_take_over_waits_for_the_dense_model_refusal():

@@ -42,15 +42,23 @@ def test_the_key_is_spelt_the_callers_way():
 
 
 def test_take_over_turns_the_flag_off_with_one_log_line(caplog):
-    provider = types.SimpleNamespace(moe_router_enable_expert_bias=True)
-    with caplog.at_level(logging.INFO, logger="nemo_lossfree.compat"):
-        assert compat.take_over_upstream_expert_bias(provider, compat.yaml_key) is True
-        assert compat.take_over_upstream_expert_bias(provider, compat.yaml_key) is False
+    provider = types.SimpleNamespace(moe_router_enable_expert_bias=True, moe_router_bias_update_rate=1e-3)
+    with caplog.at_level(logging.INFO, logger="nemo_lossfree"):
+        assert compat.take_over_upstream_expert_bias(provider, 2e-3, compat.yaml_key) is True
+        assert compat.take_over_upstream_expert_bias(provider, 2e-3, compat.yaml_key) is False
     assert provider.moe_router_enable_expert_bias is False
-    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["model.moe_router_enable_expert_bias"]
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [(
+        "WARNING",
+        "model.moe_router_enable_expert_bias: was True (Megatron-Core's expert-bias update, rate 0.001), "
+        "set to false: LossFreeRouter takes it over: the bias buffer and its checkpoint key "
+        "mlp.router.expert_bias stay, updated once per global batch by LossFreeBalancer at "
+        "lossfree.update_rate 0.002",
+    )]
     section = {"moe_router_enable_expert_bias": "false"}  # truthy for Megatron: on
-    assert compat.take_over_upstream_expert_bias(section) is True
+    assert compat.take_over_upstream_expert_bias(section, 1e-3) is True
     assert section == {"moe_router_enable_expert_bias": False}
+    for off in (False, None, 0):
+        assert compat.take_over_upstream_expert_bias({"moe_router_enable_expert_bias": off}, 1e-3) is False
 
 
 @pytest.mark.parametrize("types_", ["sinkhorn", ["seq_aux_loss", "quantile_balancing"]])
@@ -102,7 +110,8 @@ def test_every_caller_refuses_megatrons_expert_bias_with_the_one_wording(pg_coll
     }
     for caller, line in lines.items():
         assert line.endswith("got True" + TAIL), (caller, line)
-    # A Bridge recipe that sets it is taken over before these checks (takeover.py), not refused.
+    # A Bridge recipe that sets it is taken over after these checks
+    # (compat.take_over_upstream_expert_bias), not refused.
     check_model_settings(types.SimpleNamespace(num_moe_experts=8, moe_router_enable_expert_bias=True,
                                                moe_aux_loss_coeff=0.0))
     assert lines["run config"].startswith("model.moe_router_enable_expert_bias: must be false")

@@ -13,8 +13,8 @@ import copy
 import pytest
 import torch
 
+from nemo_lossfree.compat import take_over_upstream_expert_bias
 from nemo_lossfree.config import LossFreeConfig
-from nemo_lossfree.integrations.bridge.takeover import take_over_expert_bias
 from nemo_lossfree.testing.models import gpt_moe_model, moe_transformer_config
 from nemo_lossfree.update import compute_bias_update
 
@@ -28,7 +28,7 @@ def _upstream_config():
 
 def _taken_over(config):
     taken = copy.deepcopy(config)
-    assert take_over_expert_bias(taken, RATE)
+    assert take_over_upstream_expert_bias(taken, RATE)
     return taken
 
 
@@ -115,5 +115,5 @@ def test_the_raw_megatron_core_api_still_refuses_both_biases(single_rank):
 
 def test_take_over_leaves_a_config_without_megatrons_bias_alone():
     config = moe_transformer_config(num_layers=1, num_experts=4)
-    assert take_over_expert_bias(config, RATE) is False
+    assert take_over_upstream_expert_bias(config, RATE) is False
     assert config.moe_router_enable_expert_bias is False

@@ -7,17 +7,19 @@
 # LossFreeRouter into a recipe's model (and takes over a recipe's own expert
 # bias), every configs/*.yaml merges onto its real recipe and passes Bridge's
 # validation, configs/tiny-cpu.yaml trains 4 steps on 2 CPU processes through
-# Bridge's own pretrain() with the bias moving, and a tiny DeepSeek-V3 model
-# exported to Hugging Face picks the same experts in transformers.
+# Bridge's own pretrain() with the bias moving, a second process resumes it
+# from Bridge's own step-2 checkpoint to the same bits at step 4, and a tiny
+# DeepSeek-V3 model exported to Hugging Face picks the same experts in transformers.
 # Transformer Engine / nvidia-resiliency-ext are import stand-ins (no CPU wheel /
 # broken import); see tests/_support/bridge_lane/import_stand_ins.py and bridge_on_cpu.py.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 start=$SECONDS
 # Outside the work tree (nothing for git to see); rebuilt when the pins or
-# the project venv it sits on change.
+# the project venv it sits on change (by its real path: a checkout whose .venv
+# links to another checkout's reuses that one's lane venv instead of rebuilding it).
 LANE_VENV=${BRIDGE_LANE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/nemo-lossfree/venv-bridge}
-PROJECT_SITE=$(.venv/bin/python -c 'import site; print(site.getsitepackages()[0])')
+PROJECT_SITE=$(.venv/bin/python -c 'import os, site; print(os.path.realpath(site.getsitepackages()[0]))')
 STAMP=$( (cat tests/_support/bridge_lane/requirements-bridge-lane.txt; echo "$PROJECT_SITE") | sha256sum | cut -c1-16)
 
 if [ "$(cat "$LANE_VENV/.installed" 2>/dev/null)" != "$STAMP" ]; then

@@ -30,8 +30,8 @@ What it does when ``enabled``:
   schedule from the iteration;
 - takes over ``model.moe_router_enable_expert_bias`` when the recipe set it
   (DeepSeek-V3, GLM, Kimi, ...: Megatron's update off, the bias buffer and its
-  checkpoint key kept, one log line; see ``takeover.py``) and warns when an
-  auxiliary load-balancing loss is left on.
+  checkpoint key kept, one log line; see ``compat.take_over_upstream_expert_bias``)
+  and warns when an auxiliary load-balancing loss is left on.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from typing import Any, Mapping, Optional, Union
 
 from nemo_lossfree import compat
 from nemo_lossfree.config import LossFreeConfig
-from nemo_lossfree.integrations.bridge.takeover import take_over_expert_bias
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +92,8 @@ def _is_module_spec(value: Any) -> bool:
 def check_model_settings(model: Any) -> None:
     """Refuse settings that contradict loss-free balancing; warn about auxiliary losses.
 
-    Megatron's own expert bias is taken over before this runs
-    (``takeover.take_over_expert_bias``), not refused.
+    Megatron's own expert bias is taken over after this runs
+    (``compat.take_over_upstream_expert_bias``), not refused.
     """
     compat.require_moe(model, compat.yaml_key)
     compat.refuse_unsupported_balancing(model, compat.yaml_key)
@@ -114,7 +113,7 @@ def enable_lossfree(config: Any, section: Union[LossFreeConfig, Mapping[str, Any
         return None
     model = config.model
     check_model_settings(model)
-    take_over_expert_bias(model, settings.update_rate)
+    compat.take_over_upstream_expert_bias(model, settings.update_rate, compat.yaml_key)
     if not isinstance(model.transformer_layer_spec, LossFreeLayerSpec):
         model.transformer_layer_spec = LossFreeLayerSpec(model.transformer_layer_spec)
     return make_callback(settings)

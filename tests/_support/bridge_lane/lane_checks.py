@@ -92,7 +92,7 @@ def test_megatrons_expert_bias_next_to_the_flag_is_taken_over(one_rank, caplog):
     from nemo_lossfree.router import LossFreeRouter
 
     config, lossfree = _build("model.moe_router_enable_expert_bias=true")
-    with caplog.at_level("WARNING", logger="nemo_lossfree.integrations.bridge.takeover"):
+    with caplog.at_level("WARNING", logger="nemo_lossfree.compat"):
         assert enable_lossfree(config, lossfree) is not None
     assert [r.message for r in caplog.records if "takes it over" in r.message] != []
     assert config.model.moe_router_enable_expert_bias is False
@@ -123,34 +123,145 @@ def _scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def test_tiny_cpu_trains_through_bridges_pretrain_and_the_bias_moves(tmp_path):
-    """2 CPU processes, EP 2, Bridge's own pretrain loop, 4 steps."""
-    tb_dir = tmp_path / "tb"
+# A rate that changes every step and the drift integral on: what a resume
+# must bring back besides the bias (the step counter and the integral).
+SCHEDULED = {"lossfree.schedule": "inverse_time", "lossfree.decay_steps": 2, "lossfree.integral_gain": 0.5}
+
+
+def _pretrain(workdir: Path, *overrides: str) -> str:
+    """configs/tiny-cpu.yaml through Bridge's own pretrain(), 2 CPU processes (EP 2); the log."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "--master-port", str(29000 + os.getpid() % 1000),
+        "--master-port", str(29000 + (os.getpid() + len(workdir.name)) % 1000),
         str(ROOT / "tests" / "_support" / "bridge_lane" / "run_with_stand_ins.py"),
         "-m", "nemo_lossfree.integrations.bridge.pretrain", "--recipe", RECIPE,
-        "--config-file", str(TINY), LOCAL_SPEC, f"logger.tensorboard_dir={tb_dir}",
-        f"checkpoint.save={tmp_path / 'ckpt'}", "checkpoint.save_interval=1000",
+        "--config-file", str(TINY), LOCAL_SPEC, f"logger.tensorboard_dir={workdir / 'tb'}",
+        *(f"{key}={value}" for key, value in SCHEDULED.items()), *overrides,
     ]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=1200)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
+    return log
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory) -> tuple[Path, str]:
+    """The uninterrupted run: 4 steps, Bridge's checkpointing saving at steps 2 and 4."""
+    workdir = tmp_path_factory.mktemp("four_steps")
+    log = _pretrain(workdir, f"checkpoint.save={workdir / 'ckpt'}", "checkpoint.save_interval=2")
+    return workdir, log
+
+
+def test_tiny_cpu_trains_through_bridges_pretrain_and_the_bias_moves(four_steps):
+    """2 CPU processes, EP 2, Bridge's own pretrain loop, 4 steps."""
+    from nemo_lossfree.config import LossFreeConfig
+    from nemo_lossfree.update import scheduled_rate
+
+    workdir, log = four_steps
     assert "LossFreeBalancer attached to 2 router(s), starting at step 0" in log
-    scalars = _scalars(tb_dir)
+    scalars = _scalars(workdir / "tb")
     # Bridge's own writer carries Bridge's metrics and ours.
     assert sorted(step for step, _ in scalars["lm loss"]) == [1, 2, 3, 4]
     steps = sorted(step for step, _ in scalars["lossfree/maxvio_batch"])
     assert steps == [1, 2, 3, 4]
-    assert all(value == pytest.approx(1e-3) for _, value in scalars["lossfree/update_rate"])
+    settings = LossFreeConfig(update_rate=1e-3, schedule="inverse_time", decay_steps=2, integral_gain=0.5)
+    rates = {step: scheduled_rate(settings, step - 1) for step in steps}
+    assert len(set(rates.values())) == 4  # the schedule moves every step
+    assert dict(scalars["lossfree/update_rate"]) == pytest.approx(rates)
     bias_std = dict(scalars["lossfree/bias_std"])
-    # Sign updates of 1e-3 from zero: after step 1 every bias is +-1e-3 (or 0
-    # for an expert at exactly the mean), and the spread grows or holds.
-    assert 0 < bias_std[1] <= 1e-3 + 1e-9
+    # Sign updates from zero: after step 1 every bias moved by the rate plus
+    # the integral's first term (gain x the same move), or not at all for an
+    # expert at exactly the mean; the spread grows or holds.
+    assert 0 < bias_std[1] <= rates[1] * (1 + settings.integral_gain) + 1e-9
     assert bias_std[4] > 0
     # Centered: the mean bias stays at 0.
     assert all(abs(value) < 1e-6 for _, value in scalars["lossfree/bias_mean"])
+
+
+def _checkpoint(directory: Path) -> dict:
+    """A Bridge checkpoint (torch_dist format) read back whole, on one process, by torch's own reader."""
+    import tempfile
+
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(directory, Path(tmp) / "whole.pt")
+        return torch.load(Path(tmp) / "whole.pt", weights_only=False)
+
+
+def _identical(a, b) -> bool:
+    """Bit for bit: tensors (dtype, shape, values), arrays, and containers of them."""
+    import numpy as np
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_identical(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_identical(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def test_bridges_own_checkpoint_resumes_the_balancer_bit_for_bit(four_steps, tmp_path):
+    """Resume at step 2 through Bridge's checkpoint load; steps 3-4 end where the uninterrupted run did.
+
+    A new process is given only Bridge's checkpoint config (``checkpoint.load``
+    and ``ckpt_step``, Bridge's own way to pick a saved iteration): the
+    routers' ``_extra_state`` in that checkpoint is the only copy of the step
+    counter and the drift integral (no side file). The uninterrupted run's
+    step-2 checkpoint is the one a run stopped at step 2 would leave: Bridge
+    writes it synchronously and never touches it again.
+    """
+    import torch
+
+    first, _ = four_steps
+    log = _pretrain(tmp_path, f"checkpoint.load={first / 'ckpt'}", "checkpoint.ckpt_step=2",
+                    f"checkpoint.save={tmp_path / 'ckpt'}", "checkpoint.save_interval=2")
+    assert "loaded checkpoint from" in log and "at iteration 2" in log
+    assert "LossFreeBalancer attached to 2 router(s), starting at step 2" in log
+    assert "holds no balancer state" not in log  # not the iteration fallback
+
+    saved = _checkpoint(first / "ckpt" / "iter_0000002")
+    uninterrupted = _checkpoint(first / "ckpt" / "iter_0000004")
+    resumed = _checkpoint(tmp_path / "ckpt" / "iter_0000004")
+    router_keys = sorted(k for k in uninterrupted if ".router.expert_bias" in k or ".router._extra_state" in k)
+    assert len(router_keys) == 3  # the 2 layers' biases (stacked) and each layer's _extra_state
+    for key in router_keys:
+        if "_extra_state" in key:
+            (state_at_2,), (state_at_4,) = saved[key], uninterrupted[key]
+            # What the resume had to restore: mid-schedule, a live integral.
+            assert state_at_2["steps"].tolist() == [2] and state_at_2["integral"].abs().max() > 0
+            assert state_at_4["steps"].tolist() == [4]
+        assert _identical(resumed[key], uninterrupted[key]), key
+
+    # Everything else Bridge saved agrees too (weights, optimizer, schedule,
+    # Python / NumPy / model-parallel RNG), except the CPU generator, which
+    # is one int64 draw ahead: torch's DataLoader iterator draws its base seed
+    # (``_BaseDataLoaderIter._base_seed``) from it when Bridge builds the data
+    # iterators, and the resumed process builds them after restoring the
+    # step-2 RNG state, the uninterrupted one before step 1. Nothing in this
+    # run draws from that generator otherwise (no dropout, no loader workers).
+    assert uninterrupted.keys() == resumed.keys()
+    differ = sorted(k for k in uninterrupted if not _identical(resumed[k], uninterrupted[k]))
+    assert differ == sorted(k for k in uninterrupted if k.startswith("rng_state/")), differ
+    for key in differ:
+        (ranks_mine,), (ranks_theirs,) = uninterrupted[key], resumed[key]
+        for mine, theirs in zip(ranks_mine, ranks_theirs):
+            generator = torch.Generator()
+            generator.set_state(mine.pop("torch_rng_state"))
+            torch.empty((), dtype=torch.int64).random_(generator=generator)
+            assert torch.equal(theirs.pop("torch_rng_state"), generator.get_state()), key
+            assert _identical(mine, theirs), key
+
+    # The same losses and metrics at steps 3 and 4, to the bit.
+    before, after = _scalars(first / "tb"), _scalars(tmp_path / "tb")
+    assert sorted(step for step, _ in after["lm loss"]) == [3, 4]
+    for tag in ("lm loss", "lossfree/maxvio_batch", "lossfree/update_rate", "lossfree/bias_std"):
+        assert sorted(after[tag]) == sorted((s, v) for s, v in before[tag] if s > 2), tag
 
 
 # --- every configs/*.yaml on the real recipe it names ----------------------
