@@ -146,9 +146,9 @@ class OverlappedLossFreeBalancer:
         self._pending = None
         original = balancer.reduce_counts
 
-        def reduce_counts(plan):
+        def reduce_counts(plan, with_health=False):
             if self._pending is None:
-                return original(plan)
+                return original(plan, with_health)
             flat, work = self._pending
             self._pending = None
             if work is not None:
@@ -160,7 +160,10 @@ class OverlappedLossFreeBalancer:
     def start(self) -> None:
         import torch.distributed as dist
 
-        flat = torch.cat(self.balancer._plan().parts).double()
+        balancer = self.balancer
+        plan = balancer._plan()
+        logs = balancer.steps_done % balancer.config.log_every == 0  # the health sums ride along then
+        flat = torch.cat(plan.parts + plan.health if logs else plan.parts).double()
         work = None
         group = self.balancer.process_group
         if dist.is_initialized() and (group is None or dist.get_world_size(group) > 1):

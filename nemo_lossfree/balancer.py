@@ -14,8 +14,9 @@ routers' buffers (``router.BALANCER_STATE_BUFFERS``), saved as each router's
 Host synchronisation: none on a step that records no metrics (the rate
 schedule is host arithmetic on the host's step counter; every per-layer
 decision, non-finite counts included, is a ``torch.where`` on the device).
-A logging step (every ``config.log_every``) reads its metrics back in one
-transfer of the per-layer values plus the bias statistics.
+A logging step (every ``config.log_every``) reads its metrics back in two
+transfers: the per-layer load and router-health table (``metrics.step_metrics``),
+then the bias statistics with the rate and the non-finite count.
 """
 
 from __future__ import annotations
@@ -49,6 +50,14 @@ def find_routers(model_chunks: Iterable[torch.nn.Module]) -> list[LossFreeRouter
     return routers
 
 
+@functools.cache
+def _placement(experts: int, ep_size: int) -> Optional[torch.Tensor]:
+    """EP rank of each expert as Megatron-Core's MoELayer places them (one shared tensor); None for EP 1."""
+    if ep_size == 1 or experts % ep_size:  # MoELayer asserts divisibility; nothing to place otherwise
+        return None
+    return lf_metrics.expert_ranks(experts, ep_size)
+
+
 def layer_id(router: LossFreeRouter, index: int) -> int:
     """Megatron's global layer number (MTP layers after the decoder); else the index."""
     if router.layer_number is None:
@@ -68,6 +77,9 @@ class _Group:
     biases: list[torch.Tensor]
     state: dict[str, list[torch.Tensor]]  # update-state key -> the routers' buffers
     layer_ids: list[int]
+    health: list[torch.Tensor]  # the routers' health sums (logging steps)
+    placements: list[Optional[torch.Tensor]]  # EP rank per expert (None where EP is 1)
+    topks: list[int]
 
 
 @dataclass
@@ -81,6 +93,7 @@ class _Plan:
     routers: list[LossFreeRouter]
     parts: list[torch.Tensor]  # counts, then flattened histograms, in group order
     to_zero: list[torch.Tensor]
+    health: list[torch.Tensor]  # after ``parts`` in the collective of a logging step, in group order
     groups: list[_Group] = field(default_factory=list)
 
 
@@ -134,7 +147,14 @@ class LossFreeBalancer:
         self._steps = 0
         self._step_buffers: list[torch.Tensor] = []
         self._state_restarted_pending = False
+        # Megatron-Core's expert placement per router (None where EP is 1), for the EP-overload metric.
+        self.placements = [_placement(r.expert_bias.numel(), getattr(r.config, "expert_model_parallel_size", 1) or 1)
+                           for r in self.routers]
+        #: ``(layer numbers, [E] counts)`` of the last logging step: the heatmap's input.
+        self.last_loads: Optional[tuple[list[int], list[torch.Tensor]]] = None
+        self._health_armed = False
         self._refresh()
+        self._arm_health()
 
     def _router_group(self) -> Optional[dist.ProcessGroup]:
         groups = {id(r.tp_dp_cp_group): r.tp_dp_cp_group for r in self.routers}
@@ -245,7 +265,8 @@ class LossFreeBalancer:
         histograms = ([routers[i]._buffers["local_margin_histogram"] for i in ordered]
                       if self.uses_margins else [])
         plan = _Plan(routers=routers, parts=counts + [h.view(-1) for h in histograms],
-                     to_zero=counts + histograms)
+                     to_zero=counts + histograms,
+                     health=[routers[i]._buffers["local_health"] for i in ordered])
         count_at, hist_at = 0, sum(c.numel() for c in counts)
         for experts, indices in by_experts.items():
             members = [routers[i] for i in indices]
@@ -258,20 +279,23 @@ class LossFreeBalancer:
                 biases=[r._buffers["expert_bias"] for r in members],
                 state={key: [r._buffers[STATE_BUFFERS[key]] for r in members] for key in self._state_keys},
                 layer_ids=[layer_id(r, self.routers.index(r)) for r in members],
+                health=[r._buffers["local_health"] for r in members],
+                placements=[self.placements[self.routers.index(r)] for r in members],
+                topks=[r.topk for r in members],
             ))
             count_at += layers * experts
             hist_at += hist_size
         return plan
 
-    def reduce_counts(self, plan: _Plan) -> torch.Tensor:
+    def reduce_counts(self, plan: _Plan, with_health: bool = False) -> torch.Tensor:
         """Sum the routers' counts over the replica group: one collective, float64.
 
         float64 keeps counts exact past 2**24 tokens per expert (a large
         global batch summed over many ranks), where float32 would round. With
         the quantile rule the margin histograms travel in the same collective,
-        after all counts.
+        after all counts; on logging steps the router-health sums after them.
         """
-        flat = torch.cat(plan.parts).double()
+        flat = torch.cat(plan.parts + plan.health if with_health else plan.parts).double()
         if self._reduce_needed is None:
             self._reduce_needed = dist.is_available() and dist.is_initialized() and (
                 self.process_group is None or dist.get_world_size(self.process_group) > 1)
@@ -305,22 +329,25 @@ class LossFreeBalancer:
         if self._state_restarted_pending:
             self._warn_state_restarted()
         rate = self.current_rate()
-        flat = self.reduce_counts(plan)
+        log_now = self._steps % self.config.log_every == 0
+        flat = self.reduce_counts(plan, with_health=log_now)
         bad = torch.isfinite(flat).logical_not().any()
         if self._non_finite is None or self._non_finite.device != flat.device:
             self._non_finite = torch.zeros((), dtype=torch.int64, device=flat.device)
         self._non_finite += bad
+        # Before the update: the biases that routed this step's tokens.
+        load_metrics = self._step_metrics(plan, flat) if log_now else None
         if rate > 0:
             for group in plan.groups:
                 self._update_group(group, flat)
         self._clear(plan)
         torch._foreach_add_(self._step_buffers, 1)
-        log_now = self._steps % self.config.log_every == 0
         self._steps += 1
-        if not log_now:
+        self._arm_health()
+        if load_metrics is None:
             self._rates = []
             return {}
-        return self._log(plan, flat, rate)
+        return self._log(plan, flat, rate, load_metrics)
 
     def _update_group(self, group: _Group, flat: torch.Tensor) -> None:
         """One ``[L, E]`` update of a group's biases and update state, written back in place."""
@@ -340,26 +367,45 @@ class LossFreeBalancer:
     def _clear(self, plan: _Plan) -> None:
         """Start the routers' next global batch: zero counts and histograms."""
         torch._foreach_zero_(plan.to_zero)
+        if self._health_armed:
+            torch._foreach_zero_(plan.health)
         for router in plan.routers:
             # A plain int attribute: nn.Module.__setattr__ would only add ~2 us per router.
             object.__setattr__(router, "forwards_since_update", 0)
 
-    def _log(self, plan: _Plan, flat: torch.Tensor, rate: float) -> dict[str, float]:
-        """The logging step: metrics from this step's reduced counts, read back at once."""
-        counts = [flat[g.counts].view(len(g.biases), g.experts) for g in plan.groups]
-        per_layer = [lf_metrics.max_violation(c).double() for c in counts]
-        per_layer += [lf_metrics.dead_expert_fraction(c).double() for c in counts]
+    def _step_metrics(self, plan: _Plan, flat: torch.Tensor) -> dict[str, float]:
+        """A logging step's load and router-health metrics (``metrics.step_metrics``); keeps the loads."""
+        counts: list[torch.Tensor] = []
+        for g in plan.groups:
+            counts += list(flat[g.counts].view(len(g.biases), g.experts).unbind(0))
+        health_at = sum(p.numel() for p in plan.parts)
+        health = list(torch.split(flat[health_at:], [h.numel() for h in plan.health]))
+        layer_ids = [i for g in plan.groups for i in g.layer_ids]
+        self.last_loads = (layer_ids, counts)
+        return lf_metrics.step_metrics(
+            layer_ids, counts, placements=[p for g in plan.groups for p in g.placements],
+            biases=[b for g in plan.groups for b in g.biases], health=health,
+            topks=[k for g in plan.groups for k in g.topks],
+        )
+
+    def _arm_health(self) -> None:
+        """Have the routers record their health sums during the next step if it logs (only then)."""
+        wanted = self._steps % self.config.log_every == 0
+        if wanted != self._health_armed:
+            for router in self.routers:
+                router.record_health = wanted
+            self._health_armed = wanted
+
+    def _log(self, plan: _Plan, flat: torch.Tensor, rate: float, result: dict[str, float]) -> dict[str, float]:
+        """The logging step: the load metrics plus the biases, the rate and the non-finite count."""
         rates = torch.cat(self._rates).mean().reshape(1) if self._rates else flat.new_full((1,), rate)
         self._rates = []
-        host = torch.cat(per_layer + [rates, self._non_finite.double().reshape(1)]).tolist()
+        biases = lf_metrics.bias_statistics([b for g in plan.groups for b in g.biases]).double()
+        *statistics, update_rate, non_finite = torch.cat(
+            [biases, rates.double(), self._non_finite.double().reshape(1)]).tolist()
         self._non_finite.zero_()
-        layers = sum(len(g.biases) for g in plan.groups)
-        maxvio, dead, (update_rate, non_finite) = host[:layers], host[layers:2 * layers], host[2 * layers:]
-        result = {f"lossfree/maxvio_batch_layer_{lid}": v
-                  for lid, v in zip((i for g in plan.groups for i in g.layer_ids), maxvio)}
-        biases = [b for g in plan.groups for b in g.biases]
-        result.update(lf_metrics.summarize(maxvio, biases, dead))
-        result["lossfree/update_rate"] = update_rate
+        result.update({lf_metrics.tag(key): value for key, value in zip(lf_metrics.BIAS_STATISTICS, statistics)})
+        result[lf_metrics.tag("update_rate")] = update_rate
         self.last_metrics = result
         if non_finite:
             logger.warning(

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -46,6 +47,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from nemo_lossfree import megatron_compat
 from nemo_lossfree.compat import refuse_unsupported_balancing, refuse_upstream_expert_bias
+from nemo_lossfree.metrics import health_size, routing_health
 from nemo_lossfree.scores import router_scores
 from nemo_lossfree.update import MARGIN_BINS, UPDATE_STATE_LAYOUT, margin_histogram, selection_margins, state_zeros
 
@@ -58,15 +60,27 @@ BALANCER_STATE_BUFFERS = (STEPS_BUFFER, *STATE_BUFFERS.values())
 #: ``get_extra_state()``'s layout version; ``set_extra_state`` reads this one.
 EXTRA_STATE_FORMAT = 1
 _EXTRA_STATE_KEYS = {"steps": STEPS_BUFFER, **STATE_BUFFERS}
-# Buffers whose dtype no model-wide cast may change (float32 bias and counts,
-# float64 and int64 state).
-_FIXED_DTYPE_BUFFERS = ("expert_bias", "local_tokens_per_expert", "local_margin_histogram",
+# Buffers whose dtype no model-wide cast may change (float32 bias, counts and
+# health sums, float64 and int64 state).
+_FIXED_DTYPE_BUFFERS = ("expert_bias", "local_tokens_per_expert", "local_margin_histogram", "local_health",
                         *BALANCER_STATE_BUFFERS)
 # Training micro-batches without a balancer step before the router warns. Far
 # above the micro-batches of one global batch in practice.
 UNBALANCED_FORWARDS_WARNING = 4096
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoreRecording:
+    """What a routing trace (``nemo_lossfree.traces``) asks a router to keep during one step."""
+
+    #: Tokens to keep per step on this rank (None: all).
+    max_tokens: Optional[int]
+    dtype: torch.dtype = torch.float16
+    #: The unbiased scores ``[T, E]`` of the trained micro-batches, padding left out.
+    chunks: list = field(default_factory=list)
+    tokens: int = 0
 
 
 class _CommitCountsOnBackward(torch.autograd.Function):
@@ -76,18 +90,20 @@ class _CommitCountsOnBackward(torch.autograd.Function):
     between: a reentrant checkpoint's first forward has no graph and its
     recompute's graph is the one that is differentiated; a non-reentrant
     checkpoint differentiates the original graph and discards the recompute's.
+    What else the step records (margin histogram, health, scores) rides along
+    in ``extras`` and is committed the same way.
     """
 
     @staticmethod
-    def forward(ctx, probs, counts_E, histogram_E2B, router):  # noqa: D401 - autograd signature
+    def forward(ctx, probs, counts_E, extras, router):  # noqa: D401 - autograd signature
         ctx.counts_E = counts_E
-        ctx.histogram_E2B = histogram_E2B
+        ctx.extras = extras
         ctx.router = router
         return probs.view_as(probs)
 
     @staticmethod
     def backward(ctx, grad_probs):
-        ctx.router.commit(ctx.counts_E, ctx.histogram_E2B)
+        ctx.router.commit(ctx.counts_E, ctx.extras)
         return grad_probs, None, None, None
 
 
@@ -137,6 +153,15 @@ class LossFreeRouter(TopKRouter):
             self.register_buffer(name, state_zeros(key, 1, experts, device).reshape(-1), persistent=False)
         # None until a state dict is loaded; then whether it held the balancer state.
         self.balancer_state_loaded: Optional[bool] = None
+        # Router-health sums (metrics.routing_health), recorded only on the
+        # steps the balancer logs (it sets record_health) and summed with the counts.
+        self.record_health = False
+        self.register_buffer(
+            "local_health", torch.zeros(health_size(experts), dtype=torch.float32, device=device),
+            persistent=False,
+        )
+        # A routing trace's recording of this step (nemo_lossfree.traces); None: off.
+        self.score_recording: Optional[ScoreRecording] = None
         # Training micro-batches counted since the last balancer step; a loud
         # warning when it grows without bound (no balancer is running).
         self.forwards_since_update = 0
@@ -329,6 +354,30 @@ class LossFreeRouter(TopKRouter):
         weight_T = None if padding_mask_T is None else (~padding_mask_T).float()
         return margin_histogram(margins_TE, weight_T)
 
+    def health(self, logits_TE, biased_TE, routing_map_TE, padding_mask_T, seq_length) -> torch.Tensor:
+        """This micro-batch's router-health sums (``metrics.routing_health``), logging steps only.
+
+        Costs one more score function and top-K (the unbiased choice) and a few
+        ``[T, E]`` reductions; no host synchronisation.
+        """
+        scores_TE = self._scores(logits_TE).detach()
+        biased_TE = (scores_TE + self.expert_bias) if biased_TE is None else biased_TE.detach()
+        cfg = self.config
+        _, unbiased_TK = self._topk(scores_TE, self.topk, cfg.moe_router_num_groups, cfg.moe_router_group_topk)
+        unbiased_TE = torch.zeros_like(routing_map_TE, dtype=torch.bool).scatter_(1, unbiased_TK, True)
+        return routing_health(biased_TE, routing_map_TE.bool(), unbiased_TE, padding_T=padding_mask_T,
+                              allowed_TE=self._allowed_experts(biased_TE), seq_length=seq_length)
+
+    def scores_to_record(self, logits_TE, padding_mask_T) -> torch.Tensor:
+        """The unbiased scores of this micro-batch's tokens (padding left out) for a routing trace."""
+        recording = self.score_recording
+        scores_TE = self._scores(logits_TE).detach()
+        if padding_mask_T is not None:
+            scores_TE = scores_TE[~padding_mask_T]  # a host sync, on traced steps only
+        if recording.max_tokens is not None:
+            scores_TE = scores_TE[: recording.max_tokens]
+        return scores_TE.to(recording.dtype)
+
     def count_tokens(
         self,
         routing_map_TE: torch.Tensor,
@@ -353,11 +402,23 @@ class LossFreeRouter(TopKRouter):
         counts_E = torch.zeros(num_experts, dtype=torch.float32, device=top_indices_TK.device)
         return counts_E.scatter_add_(0, top_indices_TK.reshape(-1), weight_TK.reshape(-1))
 
-    def commit(self, counts_E: torch.Tensor, histogram_E2B: Optional[torch.Tensor]) -> None:
-        """Add one trained micro-batch's counts (and margin histogram) to the step's totals."""
+    def commit(self, counts_E: torch.Tensor, extras: Optional[dict] = None) -> None:
+        """Add one trained micro-batch's counts (and what else it recorded) to the step's totals."""
         self.local_tokens_per_expert.add_(counts_E)
-        if histogram_E2B is not None:
-            self.local_margin_histogram.add_(histogram_E2B)
+        if not extras:
+            return
+        if "histogram" in extras:
+            self.local_margin_histogram.add_(extras["histogram"])
+        if "health" in extras:
+            self.local_health.add_(extras["health"])
+        recording = self.score_recording
+        if "scores" in extras and recording is not None:
+            scores_TE = extras["scores"]
+            if recording.max_tokens is not None:
+                scores_TE = scores_TE[: max(recording.max_tokens - recording.tokens, 0)]
+            if scores_TE.shape[0]:
+                recording.chunks.append(scores_TE)
+                recording.tokens += scores_TE.shape[0]
 
     def _note_training_forward(self) -> None:
         self.forwards_since_update += 1
@@ -394,13 +455,17 @@ class LossFreeRouter(TopKRouter):
         if self.training and torch.is_grad_enabled():
             self._note_training_forward()
             counts_E = self.count_tokens(routing_map, top_indices, padding_mask)
-            histogram = None
+            extras = {}
             if self.record_margins:
-                histogram = self.margin_histogram(logits, biased, routing_map, padding_mask)
+                extras["histogram"] = self.margin_histogram(logits, biased, routing_map, padding_mask)
+            if self.record_health:
+                extras["health"] = self.health(logits, biased, routing_map, padding_mask, seq_length)
+            if self.score_recording is not None:
+                extras["scores"] = self.scores_to_record(logits, padding_mask)
             if probs.requires_grad:
-                probs = _CommitCountsOnBackward.apply(probs, counts_E, histogram, self)
+                probs = _CommitCountsOnBackward.apply(probs, counts_E, extras, self)
             else:  # frozen router: no backward will come; count now
-                self.commit(counts_E, histogram)
+                self.commit(counts_E, extras)
 
         if self.config.moe_expert_capacity_factor is not None:
             probs, routing_map = apply_router_token_dropping(

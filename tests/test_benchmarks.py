@@ -114,3 +114,19 @@ def test_replay_rules_reproduces_the_recorded_run_bit_for_bit(tmp_path):
     assert "gain_at_step" in rules["quantile adaptive [0, 1]"] and "gain_at_step" not in rules["quantile u=1.0"]
     assert all(0 <= r["maxvio_global"] and 0 <= r["maxvio_batch_mean"] for r in rules.values())
     assert "replay of the recorded rule" in stdout
+
+
+def test_metrics_cost_quick(tmp_path):
+    out = tmp_path / "metrics.json"
+    stdout = run_script("metrics_cost.py", "--quick", "--json", str(out))
+    result = json.loads(out.read_text())
+    balancer, router = result["balancer"], result["router"]
+    assert balancer["routers"] == 4 and balancer["experts"] == 16 and balancer["ep_for_overload"] == 4
+    assert list(balancer["median_ms"]) == ["step_nolog", "step_log", "step_metrics", "write_scalars",
+                                           "write_heatmap"]
+    # 4 layers x (per-layer names, EP overload and health included) + the overall names.
+    assert balancer["scalars_per_step"] > 4 * 20
+    assert list(router["median_ms"]) == ["plain", "record_health", "score_recording"]
+    for part in (balancer, router):
+        assert all(positive(v) for v in part["median_ms"].values())
+    assert "| step_log |" in stdout and "| record_health |" in stdout

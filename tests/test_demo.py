@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from nemo_lossfree.apps.demo.arms import DEFAULT_ARMS as ARMS
@@ -96,10 +97,32 @@ def test_plot_tensorboard_and_console_table(demo_run):
         assert [e.step for e in events.Scalars("loss")] == list(range(1, STEPS + 1))
         if arm in BIAS_ARMS:
             assert {"lossfree/bias_std", "lossfree/bias_max"} <= tags, arm
+        # The load matrix (heatmap_every(4) = 1: every step) and its image, MoE layers 2 and 3 only.
+        loads = events.Tensors("lossfree/loads")
+        assert [e.step for e in loads] == list(range(1, STEPS + 1)), arm
+        assert "lossfree/load_heatmap" in events.Tags()["images"], arm
     for arm in ARMS:
         assert arm in stdout
     assert "MaxVio_global" in stdout
     assert "loss at matched balance: loss_free" in stdout
+
+
+def test_report_figures_per_arm(demo_run):
+    import matplotlib.image
+
+    from nemo_lossfree.apps.report.events import read_run
+
+    out, stdout = demo_run
+    assert "report_<arm>.png" in stdout
+    for arm in ARMS:
+        figure = out / f"report_{arm}.png"
+        assert figure.stat().st_size > 20_000, arm
+        pixels = matplotlib.image.imread(str(figure))[..., :3]
+        assert len(np.unique(pixels.reshape(-1, 3)[::5], axis=0)) > 50, arm  # more than a blank canvas
+        run = read_run(out / "tensorboard" / arm, arm)
+        for _, matrix in run.loads:  # Megatron's layer numbers; relative loads average 1
+            assert matrix[:, 0].tolist() == [2.0, 3.0], arm
+            assert np.allclose(matrix[:, 1:].astype(np.float64).mean(axis=1), 1.0, atol=2e-3), arm
 
 
 def test_pareto_against_the_aux_loss_frontier(demo_run):
@@ -117,7 +140,7 @@ def test_pareto_against_the_aux_loss_frontier(demo_run):
 def test_report_command_prints_the_table(demo_run):
     out, _ = demo_run
     result = subprocess.run([sys.executable, "-m", "nemo_lossfree.apps.cli", "report", str(out),
-                             "--format", "markdown"], capture_output=True, text=True, timeout=60)
+                             "--format", "markdown", "--no-plots"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("| arm | val loss")

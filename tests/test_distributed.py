@@ -32,7 +32,11 @@ def test_expert_parallel_2_with_mtp():
     assert set(results[0]["metrics"]) >= {
         "lossfree/maxvio_batch", "lossfree/maxvio_batch_layer_1", "lossfree/maxvio_batch_layer_3",
         "lossfree/bias_std", "lossfree/update_rate",
+        # EP 2: Megatron's placement of 8 experts; router health in the same single all-reduce.
+        "lossfree/ep_overload_layer_1", "lossfree/ep_overload_layer_3", "lossfree/topk_overlap_layer_3",
+        "lossfree/topk_margin", "lossfree/maxvio_seq", "lossfree/maxvio_unbiased", "lossfree/load_p95",
     }
+    assert results[1]["metrics"] == results[0]["metrics"]  # from the reduced counts: the same everywhere
 
 
 def test_expert_parallel_2_inside_data_parallel_4():

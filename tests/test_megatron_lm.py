@@ -133,6 +133,9 @@ def test_installation_on_a_real_model(tmp_path):
     assert "lossfree/maxvio_batch" in report["tensorboard_tags"]
     assert "lossfree/maxvio_batch_layer_1" in report["tensorboard_tags"]
     assert report["tensorboard_steps"] == [8]
+    # The load matrix at the first logging step: layer 1, then its counts / their mean (float16).
+    assert report["load_matrix"][0][0] == 1.0
+    assert report["load_matrix"][0][1:] == pytest.approx(report["relative_loads"][0], rel=1e-3)
     assert report["plain_router_types"] == ["TopKRouter"] * 2  # lossfree off: untouched
 
 
@@ -148,6 +151,7 @@ def _install_check(out: Path) -> None:
     from megatron.training import global_vars
     from megatron.training.arguments import parse_args
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
 
     from nemo_lossfree.integrations import megatron_lm
     from nemo_lossfree.testing.cpu import cuda_allocations_on_cpu
@@ -218,6 +222,8 @@ def _install_check(out: Path) -> None:
         "biases_mean_zero": all(abs(r.expert_bias.mean().item()) < 1e-6 for r in routers),
         "tensorboard_tags": tags,
         "tensorboard_steps": [e.step for e in events.Scalars("lossfree/maxvio_batch")],
+        "load_matrix": tensor_util.make_ndarray(events.Tensors("lossfree/loads")[0].tensor_proto)[:1].tolist(),
+        "relative_loads": [(c / c.mean()).tolist() for c in state.balancer.last_loads[1][:1]],
         "plain_router_types": [type(m).__name__ for m in plain.modules()
                                if type(m).__name__.endswith("Router")],
     }

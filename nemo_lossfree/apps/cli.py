@@ -22,6 +22,7 @@ COMMANDS = {
     "slurm": "render (and submit) a SLURM sbatch job",
     "validate-config": "check a YAML config before any GPU time is spent",
     "report": "summarise a demo or training run's results",
+    "export": "turn a Megatron-Bridge checkpoint into a Hugging Face checkpoint, routing kept",
 }
 
 

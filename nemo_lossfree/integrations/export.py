@@ -43,9 +43,15 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
 
-import torch
+if TYPE_CHECKING:  # imported where used: `nemo-lossfree export` checks its flags without torch
+    import torch
+
+
+class ExportRefused(ValueError):
+    """An export that would route differently, or input it cannot use: one line, naming the field or flag."""
+
 
 #: Hugging Face architectures whose router applies ``e_score_correction_bias``
 #: to sigmoid scores for the selection only (group score = top-2 sum).
@@ -55,20 +61,20 @@ HF_GROUP_SCORE_TOP = 2
 
 
 def check_routing_exportable(config: Any, architecture: str) -> None:
-    """Refuse (``ValueError``, one line) an export whose routing the target would change.
+    """Refuse (``ExportRefused``, a ``ValueError``, one line) an export whose routing the target would change.
 
     ``config`` is the model's ``TransformerConfig`` (or a Bridge provider);
     ``architecture`` the Hugging Face class name (``config.architectures[0]``).
     """
     if architecture not in HF_BIAS_TARGETS:
-        raise ValueError(
+        raise ExportRefused(
             f"export: {architecture} has no expert-bias slot in Hugging Face transformers (the trained "
             f"bias would be dropped and other experts chosen); targets that apply it: "
             f"{', '.join(HF_BIAS_TARGETS)}"
         )
     score = getattr(config, "moe_router_score_function", None)
     if score != "sigmoid":
-        raise ValueError(
+        raise ExportRefused(
             f"model.moe_router_score_function: is {score!r}; the Hugging Face targets with an expert bias "
             f"({', '.join(HF_BIAS_TARGETS)}) apply it to sigmoid scores only, so a {score} + bias model "
             "has no Hugging Face target"
@@ -78,7 +84,7 @@ def check_routing_exportable(config: Any, architecture: str) -> None:
         group_topk = getattr(config, "moe_router_group_topk", None) or 1
         per_group = config.moe_router_topk // group_topk
         if per_group != HF_GROUP_SCORE_TOP:
-            raise ValueError(
+            raise ExportRefused(
                 f"model.moe_router_topk / moe_router_group_topk: is {config.moe_router_topk}/{group_topk}: "
                 f"Megatron scores a group by its top {per_group} biased scores, {architecture} by its top "
                 f"{HF_GROUP_SCORE_TOP}, so other groups would be chosen; export needs topk/group_topk == "
@@ -94,6 +100,8 @@ def shift_for_export(bias_E: torch.Tensor) -> torch.Tensor:
     inference code that masks losing groups with 0.0 cannot pick a masked
     expert.
     """
+    import torch
+
     return bias_E - torch.clamp(bias_E.min(), max=0.0)
 
 
@@ -109,6 +117,8 @@ def _expert_biases(model: Sequence[torch.nn.Module]) -> list[torch.Tensor]:
 @contextlib.contextmanager
 def shifted_expert_biases(model: Sequence[torch.nn.Module]) -> Iterator[int]:
     """Every router's ``expert_bias`` shifted for export inside the block; restored after."""
+    import torch
+
     biases = _expert_biases(model)
     saved = [b.detach().clone() for b in biases]
     try:
@@ -133,6 +143,7 @@ def export_to_hf(model: Union[torch.nn.Module, Sequence[torch.nn.Module]], bridg
     ``save_hf_pretrained`` (collective: every rank calls it). Extra keyword
     arguments go to ``save_hf_pretrained``.
     """
+    import torch
     from megatron.core.utils import get_model_config
 
     from nemo_lossfree.integrations.bridge import register_router_for_conversion
@@ -144,6 +155,6 @@ def export_to_hf(model: Union[torch.nn.Module, Sequence[torch.nn.Module]], bridg
     check_routing_exportable(get_model_config(chunks[0]), architectures[0])
     with shifted_expert_biases(chunks) as count:
         if count == 0:
-            raise ValueError("export: the model has no router.expert_bias buffer (no MoE layer with a bias)")
+            raise ExportRefused("export: the model has no router.expert_bias buffer (no MoE layer with a bias)")
         save_kwargs.setdefault("show_progress", False)
         bridge.save_hf_pretrained(chunks, path, **save_kwargs)

@@ -25,7 +25,8 @@ What the hooks do:
     (Megatron-LM's ``train()`` keeps a ``finalize_model_grads_func`` that is
     already set, so the update runs inside ``finalize_model_grads``);
 (c) every ``--tensorboard-log-interval`` iterations the balancer's
-    ``lossfree/...`` metrics go to Megatron's TensorBoard and W&B writers;
+    ``lossfree/...`` metrics go to Megatron's TensorBoard and W&B writers
+    (``integrations/logging.py``; the load heatmap every 100 iterations);
 (d) the expert biases and the balancer's state (step counter, drift
     integral, adaptive gain: each router's ``_extra_state``) are model state,
     so Megatron's checkpoints carry them and a resume continues bit for bit;
@@ -209,6 +210,9 @@ class MegatronLMLossFree:
         self.chunks: list[Any] = []
         self.balancer = None
         self.transformer_config = None
+        from nemo_lossfree.integrations.logging import MetricsWriter
+
+        self.writer = MetricsWriter()
 
     # (b) ---------------------------------------------------------------
     def add_chunk(self, model_chunk) -> None:
@@ -240,7 +244,7 @@ class MegatronLMLossFree:
         interval = getattr(args, "tensorboard_log_interval", 1) or 1
         if iteration % interval:
             return
-        log_metrics(metrics, iteration)
+        log_metrics(metrics, iteration, self.balancer.last_loads, writer=self.writer)
 
 
 def _megatron_args():
@@ -252,17 +256,14 @@ def _megatron_args():
         return None
 
 
-def log_metrics(metrics: dict, iteration: int) -> None:
-    """Write ``lossfree/...`` scalars to Megatron-LM's TensorBoard and W&B writers (if any)."""
+def log_metrics(metrics: dict, iteration: int, loads=None, writer=None) -> None:
+    """Write ``lossfree/...`` metrics to Megatron-LM's TensorBoard and W&B writers (if any)."""
     from megatron.training.global_vars import get_tensorboard_writer, get_wandb_writer
 
-    writer = get_tensorboard_writer()
-    if writer is not None:
-        for name, value in metrics.items():
-            writer.add_scalar(name, value, iteration)
-    wandb_writer = get_wandb_writer()
-    if wandb_writer is not None:
-        wandb_writer.log(dict(metrics), iteration)
+    from nemo_lossfree.integrations.logging import MetricsWriter
+
+    writer = writer if writer is not None else MetricsWriter()
+    writer.write(iteration, metrics, loads, tensorboard=get_tensorboard_writer(), wandb=get_wandb_writer())
 
 
 _STATE: Optional[MegatronLMLossFree] = None

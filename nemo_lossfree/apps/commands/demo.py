@@ -1,8 +1,9 @@
 """``nemo-lossfree demo``: loss-free balancing vs the alternatives, on the CPU.
 
 Trains the same small Megatron-Core GPT-MoE once per arm in two gloo
-processes (expert parallel 2) and writes ``results.json``, ``demo.png`` and
-TensorBoard events to ``--out``. With ``--seeds A,B,C`` every seed runs in
+processes (expert parallel 2) and writes ``results.json``, ``demo.png``,
+TensorBoard events and one ``report_<arm>.png`` per arm (the load heatmap
+over training, MaxVio, load spread and EP overload) to ``--out``. With ``--seeds A,B,C`` every seed runs in
 ``<out>/seed_<S>/`` and ``results.json`` holds the means, standard deviations
 and per-seed values; the Pareto panel of ``demo.png`` draws the spread as
 error bars.
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from nemo_lossfree.apps.commands import check_output_dir
+    from nemo_lossfree.apps.commands.report import render_figures
     from nemo_lossfree.apps.demo.arms import parse_arms
     from nemo_lossfree.apps.demo.launcher import WORLD_SIZE, launch
     from nemo_lossfree.apps.demo.pareto import describe
@@ -117,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         config.update(arms=arms, world_size=2, expert_model_parallel_size=2,
                       tokens_per_step=settings.tokens_per_step)
         per_seed[seed] = collect(seed_out, arms, config)
+        render_figures(seed_out, seed_out)
         if len(seeds) > 1:
             write_json(seed_out / "results.json", per_seed[seed])
     results = per_seed[seeds[0]] if len(seeds) == 1 else combine_seeds(per_seed)
@@ -125,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     plot_demo(results, {seed: seed_out for seed, _, seed_out, _, _ in runs}, out / "demo.png")
     print(format_table(results))
     print(describe(results["pareto"]))
-    print(f"\nresults: {out / 'results.json'}  plot: {out / 'demo.png'}  "
-          f"tensorboard: {out / 'tensorboard'}  ({results['config']['total_wall_s']:.0f} s)")
+    print(f"\nresults: {out / 'results.json'}  plot: {out / 'demo.png'}  load heatmaps: "
+          f"{runs[0][2] / 'report_<arm>.png'}  tensorboard: {out / 'tensorboard'}  "
+          f"({results['config']['total_wall_s']:.0f} s)")
     return 0

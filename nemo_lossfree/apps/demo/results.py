@@ -2,9 +2,11 @@
 
 Per arm (written by rank 0 of the worker): ``<out>/<arm>.json`` with the final
 per-layer biases, the evaluation, and the per-step history, and TensorBoard
-events in ``<out>/tensorboard/<arm>/`` (``loss``, ``lr``,
-``lossfree/maxvio_batch``, ``lossfree/maxvio_batch_layer_<i>``,
-``lossfree/bias_*``, ``lossfree/update_rate``).
+events in ``<out>/tensorboard/<arm>/`` (``loss``, ``lr`` and the
+``lossfree/...`` metrics of docs/core.md, written by
+``integrations/logging.py``: every step's scalars, the load matrix and heatmap
+image every ``heatmap_every(steps)`` steps). ``nemo-lossfree demo`` then draws
+``<out>/report_<arm>.png`` from those events (``nemo-lossfree report``'s figure).
 
 ``results.json`` gathers the arms:
 ``{"arms": {arm: {"val_loss", "val_ppl", "maxvio_global", "maxvio_batch_last",
@@ -53,15 +55,23 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def heatmap_every(steps: int) -> int:
+    """Steps between the demo's load-matrix writes: about 40 snapshots per arm."""
+    return max(1, steps // 40)
+
+
 class ArmReporter:
     """Progress lines, TensorBoard scalars and the arm's JSON (rank 0 only)."""
 
     def __init__(self, out: Path, trainer: ArmTrainer, *, write: bool, progress: bool) -> None:
+        from nemo_lossfree.integrations.logging import MetricsWriter
+
         self.out = out
         self.trainer = trainer
         self.write = write
         self.progress = progress
         self.writer = None
+        self.metrics_writer = MetricsWriter(heatmap_every(trainer.settings.steps))
 
     def _emit(self, event: str, **fields: Any) -> None:
         if self.progress:
@@ -82,8 +92,7 @@ class ArmReporter:
 
     def step(self, record: StepRecord) -> None:
         if self.writer is not None:
-            for name, value in record.metrics.items():
-                self.writer.add_scalar(name, value, record.step)
+            self.metrics_writer.write(record.step, record.metrics, self.trainer.last_loads, tensorboard=self.writer)
         self._emit("step", step=record.step, steps=self.trainer.settings.steps,
                    loss=record.loss, maxvio_batch=record.maxvio_batch)
 

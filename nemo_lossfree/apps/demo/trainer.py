@@ -123,8 +123,14 @@ class ArmTrainer:
         self.routers = [m for m in self.model.modules() if isinstance(m, TopKRouter)]
         # The routers' replica group (TP x DP x CP), as the balancer uses.
         self.router_group = self.routers[0].tp_dp_cp_group
+        from nemo_lossfree.metrics import expert_ranks
+
+        ep_size = parallel_state.get_expert_model_parallel_world_size()
+        self.placement = expert_ranks(s.experts, ep_size) if ep_size > 1 else None
         self.step = 0
         self.history: list[StepRecord] = []
+        #: ``(layer numbers, [E] counts)`` of the last step, for the load heatmap.
+        self.last_loads: Optional[tuple[list[int], list[torch.Tensor]]] = None
 
     # ------------------------------------------------------------- training
     def _layer_ids(self) -> list[int]:
@@ -145,8 +151,7 @@ class ArmTrainer:
     def _bias_metrics(self) -> dict[str, float]:
         from nemo_lossfree import metrics as lf_metrics
 
-        biases = [b for b in map(self._bias, self.routers) if b is not None]
-        return lf_metrics.summarize([], biases, []) if biases else {}
+        return lf_metrics.bias_summary([b for b in map(self._bias, self.routers) if b is not None])
 
     def train_step(self, recorder) -> StepRecord:
         """One global batch: forward/backward over the micro-batches, finalize, optimizer step."""
@@ -159,6 +164,10 @@ class ArmTrainer:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         batches = self.train_data.step(self.step)
+        # The biases that route this step (upstream arms update theirs inside the step).
+        biases = None
+        if self.balancer is None and all(self._bias(r) is not None for r in self.routers):
+            biases = [self._bias(r).detach().clone() for r in self.routers]
         # No CudaAllocationsOnCpu mode here: cpu.enable() already maps the
         # schedule's and optimizer's device="cuda" allocations, and the mode
         # would hook every torch call of the step for nothing.
@@ -182,22 +191,23 @@ class ArmTrainer:
         metrics: dict[str, float] = {}
         if self.balancer is not None:
             metrics.update(self.balancer.last_metrics)
+            self.last_loads = self.balancer.last_loads
         else:
-            # Upstream routers: count what they routed (forward hooks), over all replicas.
-            counts_LE = recorder.counts(self.router_group)
+            # Upstream routers: count what they routed (forward hooks), over all replicas,
+            # and measure it with the same metrics as the balancer's (no router health).
+            counts = list(recorder.counts(self.router_group))
             recorder.reset()
-            vio_L = lf_metrics.max_violation(counts_LE).tolist()
-            for layer, value in zip(self._layer_ids(), vio_L):
-                metrics[f"lossfree/maxvio_batch_layer_{layer}"] = value
-            metrics["lossfree/maxvio_batch"] = sum(vio_L) / len(vio_L)
-            metrics["lossfree/maxvio_batch_max"] = max(vio_L)
+            layer_ids = self._layer_ids()
+            metrics.update(lf_metrics.step_metrics(layer_ids, counts, placements=[self.placement] * len(counts),
+                                                   biases=biases))
             metrics.update(self._bias_metrics())
+            self.last_loads = (layer_ids, counts)
         if recorder is not None and self.balancer is not None:
             recorder.reset()
         metrics["loss"] = loss_value
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         self.step += 1
-        record = StepRecord(self.step, loss_value, metrics["lossfree/maxvio_batch"], metrics)
+        record = StepRecord(self.step, loss_value, metrics[lf_metrics.tag("maxvio_batch")], metrics)
         self.history.append(record)
         return record
 

@@ -24,7 +24,8 @@ What it does when ``enabled``:
   ``LossFreeBalancer`` over the model chunks and attaches it to
   ``finalize_model_grads_func`` (set by Bridge's setup; called once per global
   batch after the last backward) with a writer of its ``lossfree/...``
-  metrics to Bridge's TensorBoard and W&B loggers; the balancer's state
+  metrics (and every 100 steps the load heatmap) to Bridge's TensorBoard
+  and W&B loggers (``integrations/logging.py``); the balancer's state
   (step counter, drift integral, adaptive gain) resumes with the model from
   Bridge's checkpoint, and a checkpoint without it continues the rate
   schedule from the iteration;
@@ -81,6 +82,11 @@ class LossFreeLayerSpec:
 
     def __repr__(self) -> str:
         return f"LossFreeLayerSpec({self.inner!r})"
+
+    def to_cfg_dict(self) -> dict:
+        """How Bridge's ``run_config.yaml`` records it: with the spec it wraps, so the
+        checkpoint rebuilds this model (``nemo-lossfree export``; see export_checkpoint.py)."""
+        return {"_target_": f"{type(self).__module__}.{type(self).__qualname__}", "inner": self.inner}
 
 
 def _is_module_spec(value: Any) -> bool:
@@ -146,8 +152,11 @@ def make_callback(settings: LossFreeConfig):
         """Creates the balancer on the built model; logs ``lossfree/...`` on its logging steps."""
 
         def __init__(self) -> None:
+            from nemo_lossfree.integrations.logging import MetricsWriter
+
             self.settings = settings
             self.balancer = None
+            self.writer = MetricsWriter()
 
         def on_train_start(self, context) -> None:
             from megatron.core.utils import get_model_config
@@ -167,15 +176,11 @@ def make_callback(settings: LossFreeConfig):
                 len(self.balancer.routers), self.balancer.steps_done,
             )
 
-        @staticmethod
-        def _write(state, metrics: dict) -> None:
+        def _write(self, state, metrics: dict) -> None:
             # finalize_model_grads runs before Bridge counts the iteration; +1
             # puts our scalars at the step of Bridge's own "lm loss".
             step = int(state.train_state.step) + 1
-            if state.tensorboard_logger is not None:
-                for name, value in metrics.items():
-                    state.tensorboard_logger.add_scalar(name, value, step)
-            if state.wandb_logger is not None:
-                state.wandb_logger.log(dict(metrics), step)
+            self.writer.write(step, metrics, self.balancer.last_loads, tensorboard=state.tensorboard_logger,
+                              wandb=state.wandb_logger)
 
     return LossFreeCallback()

@@ -80,3 +80,15 @@ def with_cpu_mla(spec_fn: Callable[..., Any]) -> Callable[..., Any]:
         return _replace_core_attention(spec_fn(config, *args, **kwargs))
 
     return spec
+
+
+def local_mla_block_spec(config, vp_stage=None):
+    """The DeepSeek-V3 bridge's block spec without Transformer Engine, MLA on the CPU.
+
+    A module-level name, so that a command can be told it by import path
+    (``nemo-lossfree export --layer-spec cpu_mla:local_mla_block_spec``).
+    """
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    return _replace_core_attention(
+        get_gpt_decoder_block_spec(config, use_transformer_engine=False, vp_stage=vp_stage))

@@ -178,6 +178,30 @@ def test_tiny_cpu_trains_through_bridges_pretrain_and_the_bias_moves(four_steps)
     assert all(abs(value) < 1e-6 for _, value in scalars["lossfree/bias_mean"])
 
 
+def test_the_runs_checkpoint_loads_through_the_export_command(four_steps, tmp_path):
+    """`nemo-lossfree export` on the checkpoint Bridge's pretrain() saved (newest: step 4).
+
+    The run_config.yaml Bridge wrote (LossFreeLayerSpec with the spec it wrapped,
+    the balancer's finalize_model_grads wrapper) loads with no --layer-spec, the
+    EP=2 layout collapsed to one CPU process. A vanilla GPT has no Hugging Face
+    family with an expert-bias slot: after loading, the export is refused in one
+    line and nothing is written.
+    """
+    workdir, _ = four_steps
+    out = tmp_path / "hf"
+    export = [
+        sys.executable, str(ROOT / "tests" / "_support" / "bridge_lane" / "run_with_stand_ins.py"),
+        "-m", "nemo_lossfree.apps.cli", "export", str(workdir / "ckpt"),
+        "--hf-model", str(ROOT / "tests" / "_support" / "bridge_lane" / "hf_configs" / "Qwen--Qwen3-30B-A3B"),
+        "--hf-path", str(out),
+    ]
+    result = subprocess.run(export, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, (result.stdout + result.stderr)[-6000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "nemo-lossfree export: Qwen3MoeForCausalLM has no expert-bias slot in Hugging Face transformers")
+    assert not out.exists()
+
+
 def _checkpoint(directory: Path) -> dict:
     """A Bridge checkpoint (torch_dist format) read back whole, on one process, by torch's own reader."""
     import tempfile
@@ -382,14 +406,10 @@ def _tiny_deepseek_v3_hf_config():
 
 def _cpu_float32(provider) -> None:
     """The provider's Transformer Engine / GPU-kernel switches off, float32, no dropout."""
-    import functools
-
     import torch
-    from cpu_mla import with_cpu_mla
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from cpu_mla import local_mla_block_spec
 
-    provider.transformer_layer_spec = with_cpu_mla(
-        functools.partial(get_gpt_decoder_block_spec, use_transformer_engine=False))
+    provider.transformer_layer_spec = local_mla_block_spec
     for name in ("bf16", "fp16", "gradient_accumulation_fusion", "bias_activation_fusion",
                  "bias_dropout_fusion", "masked_softmax_fusion", "persist_layer_norm",
                  "moe_permute_fusion", "cross_entropy_loss_fusion", "apply_rope_fusion",
@@ -453,7 +473,63 @@ def test_export_to_hf_keeps_every_tokens_experts(one_rank, tmp_path):
     exported = moe.gate.e_score_correction_bias
     assert torch.allclose(exported - bias, (exported - bias)[0].expand_as(bias)) and exported.min() == 0
 
+    # Megatron orders tokens [sequence, batch], transformers [batch, sequence].
+    map_megatron = chosen["megatron"].view(16, 2, -1).transpose(0, 1).reshape(32, -1)
+    map_hf, logits_hf = _hf_routing_and_logits(hf_model, tokens)
+    assert torch.equal(map_hf, map_megatron)
+    difference = (logits_hf - logits_megatron).abs().max().item()
+    print(f"export parity: max |logits_hf - logits_megatron| = {difference:.2e}")
+    assert difference < PARITY_LOGITS_ATOL
+
+    # The same model through a checkpoint on disk and `nemo-lossfree export`, as a user
+    # runs it. The balancer is attached as in a run, so run_config.yaml holds its
+    # finalize_model_grads wrapper too; Bridge's own save writes the checkpoint.
+    balancer.attach(provider)
+    bridge.save_megatron_model([model], tmp_path / "megatron")
+    _save_family_config_and_tokenizer(tmp_path / "hf-config")
+    command = [
+        sys.executable, str(ROOT / "tests" / "_support" / "bridge_lane" / "run_with_stand_ins.py"),
+        "-m", "nemo_lossfree.apps.cli", "export", str(tmp_path / "megatron"),
+        "--hf-model", str(tmp_path / "hf-config"), "--hf-path", str(tmp_path / "hf-from-checkpoint"),
+        # The run's spec is a CPU stand-in for Transformer Engine's MLA (cpu_mla.py).
+        "--layer-spec", "cpu_mla:local_mla_block_spec",
+    ]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    assert "exported " in result.stdout
+    assert (tmp_path / "hf-from-checkpoint" / "tokenizer.json").is_file()  # the family's tokenizer went along
+    from_checkpoint = AutoModelForCausalLM.from_pretrained(tmp_path / "hf-from-checkpoint",
+                                                           dtype=torch.float32).eval()
+    in_memory = hf_model.state_dict()
+    on_disk = from_checkpoint.state_dict()
+    assert on_disk.keys() == in_memory.keys()
+    assert all(torch.equal(on_disk[key], in_memory[key]) for key in in_memory)  # bias shift included
+    map_disk, logits_disk = _hf_routing_and_logits(from_checkpoint, tokens)
+    assert torch.equal(map_disk, map_megatron)
+    difference_disk = (logits_disk - logits_megatron).abs().max().item()
+    print(f"export parity (checkpoint -> nemo-lossfree export): max |logits_hf - logits_megatron| = "
+          f"{difference_disk:.2e}, vs the in-memory export {(logits_disk - logits_hf).abs().max().item():.2e}")
+    assert difference_disk < PARITY_LOGITS_ATOL
+
+
+def _save_family_config_and_tokenizer(folder: Path) -> None:
+    """What --hf-model names: the family's config and a tokenizer (a 128-word one: offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    _tiny_deepseek_v3_hf_config().save_pretrained(folder)
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0").save_pretrained(folder)
+
+
+def _hf_routing_and_logits(hf_model, tokens):
+    """Which experts layer 1 picks per token (a [tokens, experts] map, batch-major) and the logits."""
+    import torch
+
+    moe = hf_model.model.layers[1].mlp
     route = moe.route_tokens_to_experts
+    chosen = {}
 
     def recording(router_logits):
         indices, weights = route(router_logits)
@@ -461,12 +537,11 @@ def test_export_to_hf_keeps_every_tokens_experts(one_rank, tmp_path):
         return indices, weights
 
     moe.route_tokens_to_experts = recording
-    with torch.no_grad():
-        logits_hf = hf_model(input_ids=tokens).logits
-    # Megatron orders tokens [sequence, batch], transformers [batch, sequence].
-    map_megatron = chosen["megatron"].view(16, 2, -1).transpose(0, 1).reshape(32, -1)
-    map_hf = torch.zeros_like(map_megatron).scatter_(1, chosen["hf"], True)
-    assert torch.equal(map_hf, map_megatron)
-    difference = (logits_hf - logits_megatron).abs().max().item()
-    print(f"export parity: max |logits_hf - logits_megatron| = {difference:.2e}")
-    assert difference < PARITY_LOGITS_ATOL
+    try:
+        with torch.no_grad():
+            logits = hf_model(input_ids=tokens).logits
+    finally:
+        del moe.route_tokens_to_experts
+    experts = moe.gate.e_score_correction_bias.numel()
+    routing_map = torch.zeros(chosen["hf"].shape[0], experts, dtype=torch.bool)
+    return routing_map.scatter_(1, chosen["hf"], True), logits
