@@ -456,6 +456,10 @@ class LossFreeBalancer:
             return out
 
         finalize_model_grads_with_lossfree._lossfree_balancer = self  # type: ignore[attr-defined]
+        # A framework that saves its config (Megatron-Bridge's run_config.yaml, through
+        # Megatron's ConfigContainer) records the function this wraps: the wrapper is
+        # runtime state re-installed at every start, and a closure cannot be loaded by name.
+        finalize_model_grads_with_lossfree.to_cfg_dict = lambda: inner  # type: ignore[attr-defined]
         transformer_config.finalize_model_grads_func = finalize_model_grads_with_lossfree
         return self
 

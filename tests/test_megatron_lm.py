@@ -232,3 +232,19 @@ def _install_check(out: Path) -> None:
 
 if __name__ == "__main__":
     _install_check(Path(sys.argv[1]))
+
+
+def test_a_saved_config_records_the_function_the_balancer_wraps(pg_collection):
+    # Megatron-Bridge writes run_config.yaml through Megatron's ConfigContainer: the
+    # balancer's closure was written by name and no loader could import it back.
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.training.config.container import ConfigContainerBase
+
+    from nemo_lossfree import LossFreeBalancer
+    from _support.routers import routers_with_expert_counts
+
+    routers = routers_with_expert_counts(pg_collection, [8])
+    config = routers[0].config
+    LossFreeBalancer(routers).attach(config)
+    assert config.finalize_model_grads_func is not finalize_model_grads
+    assert ConfigContainerBase._convert_value_to_dict(config.finalize_model_grads_func) is finalize_model_grads

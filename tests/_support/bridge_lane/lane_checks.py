@@ -188,6 +188,12 @@ def test_the_runs_checkpoint_loads_through_the_export_command(four_steps, tmp_pa
     line and nothing is written.
     """
     workdir, _ = four_steps
+    # Bridge's run config records Megatron's finalize_model_grads, not the balancer's
+    # wrapper (a closure no loader can import; the balancer re-attaches at each start).
+    saved = sorted((workdir / "ckpt").glob("iter_*/run_config.yaml"))
+    assert saved and all(
+        "megatron.core.distributed.finalize_model_grads.finalize_model_grads" in p.read_text()
+        and "attach.<locals>" not in p.read_text() for p in saved), saved
     out = tmp_path / "hf"
     export = [
         sys.executable, str(ROOT / "tests" / "_support" / "bridge_lane" / "run_with_stand_ins.py"),
