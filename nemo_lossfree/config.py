@@ -30,15 +30,16 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _check_rate(name: str, value: Any) -> float:
-    """A finite number >= 0, as a plain float (numpy scalars too)."""
+def check_nonnegative(name: str, value: Any) -> float:
+    """A finite number >= 0, as a plain float (numpy scalars too); ``ValueError`` naming ``name``."""
     if not _is_number(value) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
-def _check_steps(name: str, value: Any, *, optional: bool = False, minimum: int = 0) -> Optional[int]:
-    """An integer >= minimum (or None when optional), as a plain int (numpy integers too)."""
+def check_integer(name: str, value: Any, *, optional: bool = False, minimum: int = 0) -> Optional[int]:
+    """An integer >= minimum (or None when optional), as a plain int (numpy integers too);
+    ``ValueError`` naming ``name``."""
     if optional and value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
@@ -145,7 +146,7 @@ class LossFreeConfig:
         v["enabled"] = _check_bool("lossfree.enabled", self.enabled)
         v["update_rule"] = _check_choice("lossfree.update_rule", self.update_rule, UPDATE_RULES)
         rate = DEFAULT_RATES[v["update_rule"]] if self.update_rate is None else self.update_rate
-        v["update_rate"] = _check_rate("lossfree.update_rate", rate)
+        v["update_rate"] = check_nonnegative("lossfree.update_rate", rate)
         if v["update_rule"] == "quantile" and v["update_rate"] > 1:
             raise ValueError(
                 "lossfree.update_rate: must be in [0, 1] with update_rule quantile (the fraction "
@@ -153,23 +154,23 @@ class LossFreeConfig:
             )
         v["center"] = _check_bool("lossfree.center", self.center)
         v["schedule"] = _check_choice("lossfree.schedule", self.schedule, SCHEDULES)
-        v["warmup_steps"] = _check_steps("lossfree.warmup_steps", self.warmup_steps)
-        v["decay_steps"] = _check_steps("lossfree.decay_steps", self.decay_steps, minimum=1)
-        v["min_update_rate"] = _check_rate("lossfree.min_update_rate", self.min_update_rate)
+        v["warmup_steps"] = check_integer("lossfree.warmup_steps", self.warmup_steps)
+        v["decay_steps"] = check_integer("lossfree.decay_steps", self.decay_steps, minimum=1)
+        v["min_update_rate"] = check_nonnegative("lossfree.min_update_rate", self.min_update_rate)
         if v["min_update_rate"] > v["update_rate"]:
             raise ValueError(
                 "lossfree.min_update_rate: must be <= lossfree.update_rate "
                 f"({rate!r}), got {self.min_update_rate!r}"
             )
-        v["integral_gain"] = _check_rate("lossfree.integral_gain", self.integral_gain)
+        v["integral_gain"] = check_nonnegative("lossfree.integral_gain", self.integral_gain)
         if not _is_number(self.integral_decay) or not 0 <= self.integral_decay < 1:
             raise ValueError(
                 f"lossfree.integral_decay: must be a number in [0, 1), got {self.integral_decay!r}"
             )
         v["integral_decay"] = float(self.integral_decay)
-        v["freeze_after_steps"] = _check_steps("lossfree.freeze_after_steps", self.freeze_after_steps,
+        v["freeze_after_steps"] = check_integer("lossfree.freeze_after_steps", self.freeze_after_steps,
                                                optional=True)
-        v["log_every"] = _check_steps("lossfree.log_every", self.log_every, minimum=1)
+        v["log_every"] = check_integer("lossfree.log_every", self.log_every, minimum=1)
         if v["schedule"] == "adaptive" and v["update_rule"] != "quantile":
             raise ValueError(
                 "lossfree.schedule: adaptive needs update_rule quantile (it filters the quantile "

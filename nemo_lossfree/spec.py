@@ -1,4 +1,4 @@
-"""Put LossFreeRouter into Megatron-Core layer, block and MTP specs.
+"""Put LossFreeRouter into Megatron-Core layer, block and MTP specs (and build the GPT of one).
 
 megatron-core describes an MoE MLP either as
 ``ModuleSpec(module=MoELayer, submodules=MoESubmodules(...))`` or as
@@ -80,3 +80,18 @@ def use_loss_free_router(spec: Any, router: type = LossFreeRouter, *, require_mo
             "spec: no MoE layer (MoESubmodules) found; build the spec with num_experts set"
         )
     return rewritten
+
+
+def gpt_model(config, layer_spec: Any, *, vocab_size: int, max_sequence_length: int, **model_kwargs: Any):
+    """Megatron-Core's ``GPTModel`` of ``layer_spec`` with rotary position embeddings: the small
+    GPT-MoE of the demo (``apps/demo/model.py``) and of the tests (``testing/models.py``)."""
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec,
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length,
+        position_embedding_type="rope",
+        **model_kwargs,
+    )

@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from nemo_lossfree.config import UPDATE_RULES, LossFreeConfig, _check_rate
+from nemo_lossfree.config import UPDATE_RULES, LossFreeConfig, check_nonnegative
 
 # ---------------------------------------------------------------- margins
 # Bin edges of the margin histogram, in score units: 0 and +-SMALLEST * 2**j for
@@ -267,7 +267,7 @@ def compute_bias_update(
     """
     if counts.shape != bias.shape:
         raise ValueError(f"counts and bias must have the same shape, got {counts.shape} and {bias.shape}")
-    _check_rate("rate", rate)
+    check_nonnegative("rate", rate)
     if rate == 0:
         return bias
     step = rule_step(counts, rate=rate, rule=rule, histogram=histogram)
@@ -304,7 +304,7 @@ def compute_bias_update_with_integral(
             "counts, bias and integral must have the same shape, got "
             f"{counts.shape}, {bias.shape} and {integral.shape}"
         )
-    _check_rate("rate", rate)
+    check_nonnegative("rate", rate)
     if gain == 0 or rate == 0:
         return compute_bias_update(counts, bias, rate=rate, rule=rule, center=center,
                                    histogram=histogram), integral

@@ -81,6 +81,28 @@ def test_megatron_optimizer_steps_and_clips_on_cpu(single_rank):
     assert any(not torch.equal(b, p) for b, p in zip(before, ddp.parameters()))
 
 
+def test_seeding_the_cpu_tracker_seeds_megatrons_model_parallel_streams(single_rank):
+    """megatron.training's _set_random_seed skips the tracker with no CUDA device; the wrapper
+    (Megatron-LM's and Bridge's CPU harnesses use it) seeds it."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    from megatron.training import initialize
+
+    from nemo_lossfree.testing.cpu import seeding_the_cpu_tracker
+
+    def draw():
+        with get_cuda_rng_tracker().fork():
+            return torch.rand(4)
+
+    seeded = seeding_the_cpu_tracker(initialize._set_random_seed)
+    seeded(1234)
+    first = draw()
+    seeded(1234)
+    assert torch.equal(draw(), first)
+    initialize._set_random_seed(1234)  # upstream alone leaves the tracker's stream where it was
+    assert not torch.equal(draw(), first)
+    assert seeded.__wrapped__ is initialize._set_random_seed
+
+
 def test_cuda_allocations_on_cpu_rewrites_devices():
     from nemo_lossfree.testing.cpu import cuda_allocations_on_cpu
 

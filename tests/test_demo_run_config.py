@@ -39,7 +39,7 @@ def test_demo_defaults_are_not_merged_into_the_lossfree_section():
     ("model.moe_token_dispatcher_type=alltoall", "model.moe_token_dispatcher_type: the CPU demo's model runs"),
     ("model.num_layers=2 model.moe_layer_freq=[1,0]", "model.moe_layer_freq: the CPU demo runs dense layers first"),
     ("model.moe_router_topk=1 model.moe_router_score_function=softmax",
-     "model: Megatron's TransformerConfig refuses it (arm loss_free): Please use --moe-router-pre-softmax"),
+     "model.moe_router_pre_softmax: Please use --moe-router-pre-softmax"),
     ("train.exit_interval=5", "train.exit_interval: not a setting of the CPU demo worker"),
     ("optimizer.bf16=true", "optimizer.bf16: the CPU demo runs False, got True"),
     ("train.global_batch_size=6", "train.global_batch_size: must be a multiple of train.micro_batch_size x ranks"),

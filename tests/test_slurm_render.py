@@ -392,8 +392,12 @@ def test_cli_gpu_job_runs_the_bridge_entry_point(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     # A layout Megatron accepts that the CPU worker does not run (validation passes first).
-    (["model.tensor_model_parallel_size=2", "model.sequence_parallel=true", "--ntasks-per-node", "4"],
+    (["model.tensor_model_parallel_size=2", "model.sequence_parallel=true", "model.add_bias_linear=false",
+      "--ntasks-per-node", "4"],
      "model.tensor_model_parallel_size: the CPU demo's model runs 1"),
+    # Megatron's TransformerConfig refuses it (ETP defaults to TP, linear biases are on by default).
+    (["model.tensor_model_parallel_size=2", "model.sequence_parallel=true", "--ntasks-per-node", "4"],
+     "model: Megatron-Core's TransformerConfig refuses it: \"Bias in Moe is only supported when ETP==1\""),
     (["--ntasks-per-node", "3"], "model.expert_model_parallel_size: EP x ETP = 2 x 1 must divide"),
     (["train.global_batch_size=6"], "train.global_batch_size: must be divisible by micro_batch_size x DP"),
     (["--gpus-per-node", "8", "--ntasks-per-node", "3"], "--ntasks-per-node: with GPUs it must be 1"),
@@ -448,6 +452,12 @@ def test_cli_refuses_what_validate_config_refuses(tmp_path, argv, message, summa
     assert "Traceback" not in proc.stderr
 
 
+def test_cli_names_the_flag_of_a_missing_config(tmp_path):
+    proc = _cli("--config", "nope.yaml", "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["nemo-lossfree slurm: --config: nope.yaml: no such file"]
+
+
 def test_cli_refuses_too_few_nodes_for_the_configs_layout(tmp_path):
     """configs/deepseek-v3-1024gpu.yaml needs a multiple of TP 2 x PP 16 = 32 GPUs; 3 nodes x 8 are 24."""
     config = CONFIGS / "deepseek-v3-1024gpu.yaml"
@@ -477,7 +487,7 @@ def test_cli_refuses_a_bad_config_before_writing_or_submitting(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "nemo_lossfree.apps.cli", "slurm", "--config", "tiny.yaml",
                            "--output-dir", "job", "lossfree.update_rate=-1"],
                           cwd=tmp_path, env=_fake_sbatch(tmp_path), capture_output=True, text=True,
-                          timeout=60)
+                          timeout=180)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert not (tmp_path / "job").exists()
     assert not (tmp_path / "sbatch_calls").exists()

@@ -1,3 +1,4 @@
 """The YAML run-config format: ``load`` reads a file into sections, ``validate``
-checks them against Megatron-Core's and this project's rules before any GPU
-time is spent (``megatron_fields`` lists Megatron's field names)."""
+checks them before any GPU time is spent: Megatron-Core's model rules by building
+its ``TransformerConfig`` (``transformer_config``), the rest ours
+(``megatron_fields`` lists the ``model:`` keys Megatron knows)."""

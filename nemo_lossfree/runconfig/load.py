@@ -75,8 +75,8 @@ class RunConfigError(ValueError):
 class ConfigFileError(RunConfigError):
     """A problem with the file itself (missing, unreadable, not YAML); the message starts with its path.
 
-    A command that took the path from a flag may put the flag first
-    (``--config-file: x.yaml: no such file``).
+    A command that took the path from a flag puts the flag first
+    (``load_run_config(..., flag="--config-file")``: ``--config-file: x.yaml: no such file``).
     """
 
 
@@ -288,17 +288,25 @@ def _override(config: dict[str, Any], override: str) -> tuple[str, Any]:
 def load_run_config(
     path: Optional[Union[str, Path]],
     overrides: Iterable[str] = (),
+    *,
+    flag: Optional[str] = None,
 ) -> dict[str, Any]:
     """Read ``path`` (may be None: overrides only), apply ``overrides``, return a dict.
 
     Raises ``RunConfigError`` (a ``ValueError``), one line: naming the file
     for problems with the file (``read_yaml_file``), the key (and the file or
     override) for unknown sections or keys, values of the wrong type and
-    malformed overrides.
+    malformed overrides. ``flag``: the command-line flag that gave ``path``,
+    put first in a problem with the file.
     """
     config: dict[str, Any] = {}
     if path is not None:
-        config = read_yaml_file(path)
+        try:
+            config = read_yaml_file(path)
+        except ConfigFileError as exc:
+            if flag is None:
+                raise
+            raise ConfigFileError(f"{flag}: {exc}") from None
         _check_sections(config, str(path))
     for override in overrides:
         dotted, value = _override(config, override)

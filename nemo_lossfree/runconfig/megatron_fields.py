@@ -1,4 +1,4 @@
-"""The keys a run config's ``model:`` section may hold, without importing Megatron.
+"""The keys a run config's ``model:`` section may hold: Megatron's own field names.
 
 A ``model:`` key is a field of Megatron-Core's ``TransformerConfig`` (with its
 base ``ModelParallelConfig``), of ``MLATransformerConfig`` (DeepSeek-style
@@ -6,21 +6,20 @@ attention, ``configs/deepseek-v3-1024gpu.yaml``), or of Megatron-Bridge's
 ``GPTModelProvider``, which our files complete. Anything else is a misspelling
 that Bridge would skip with a warning and the demo worker would ignore.
 
-The Megatron-Core names are read from the installed package's source with
-``ast``: importing it takes seconds and prints warnings, and
-``validate-config`` must answer in a fraction of a second with nothing but its
-own lines. ``tests/test_validate_config.py`` pins the result to the real
-dataclass fields. Megatron-Bridge is not a dependency (the ``bridge`` extra),
-so its provider's own fields are listed here.
+The Megatron-Core names are ``dataclasses.fields`` of the installed classes
+(imported with ``quiet``: Megatron's import-time warnings must not bury
+the one line a problem gets). Megatron-Bridge is not a
+dependency (the ``bridge`` extra), so its provider's own fields are listed here.
 """
 
 from __future__ import annotations
 
-import ast
+import contextlib
+import dataclasses
 import functools
-import importlib.util
-from pathlib import Path
-from typing import Optional
+import logging
+import warnings
+from typing import Iterator
 
 #: The fields ``GPTModelProvider`` declares itself (Megatron-Bridge 0.6,
 #: ``megatron/bridge/models/gpt_provider.py``; some redeclare ``TransformerConfig``'s).
@@ -37,39 +36,45 @@ PROVIDER_FIELDS = frozenset({
     "gradient_accumulation_fusion", "restore_modelopt_state",
 })
 
-# (file under megatron/, classes whose annotated class attributes are dataclass fields)
-_SOURCES = (
-    ("core/model_parallel_config.py", ("ModelParallelConfig",)),
-    ("core/transformer/transformer_config.py", ("TransformerConfig", "MLATransformerConfig")),
-)
+
+#: torch's logger that prints "No CUDA runtime is found" when Megatron imports it.
+_NOISY_LOGGERS = ("torch.utils.cpp_extension",)
 
 
-def _class_fields(tree: ast.Module, name: str) -> set[str]:
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == name:
-            return {
-                stmt.target.id for stmt in node.body
-                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-                and "ClassVar" not in ast.unparse(stmt.annotation)
-                and not stmt.target.id.startswith("_")
-            }
-    raise LookupError(name)
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Python warnings and torch's CUDA log line off, for Megatron's import and construction."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def config_classes():
+    """``(TransformerConfig, MLATransformerConfig)`` of the installed Megatron-Core, imported quietly."""
+    with quiet():
+        from megatron.core.transformer.transformer_config import (
+            MLATransformerConfig,
+            TransformerConfig,
+        )
+    return TransformerConfig, MLATransformerConfig
+
+
+def field_names(cls) -> frozenset[str]:
+    """The public dataclass fields of a Megatron config class."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if not f.name.startswith("_"))
 
 
 @functools.lru_cache(maxsize=1)
-def model_keys() -> Optional[frozenset[str]]:
-    """Every known ``model:`` key; None when Megatron-Core's sources are not found."""
-    spec = importlib.util.find_spec("megatron")  # a namespace package: imports nothing
-    roots = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
-    keys: set[str] = set(PROVIDER_FIELDS)
-    for relative, classes in _SOURCES:
-        source = next((root / relative for root in roots if (root / relative).is_file()), None)
-        if source is None:
-            return None
-        try:
-            tree = ast.parse(source.read_text(encoding="utf-8"))
-            for name in classes:
-                keys |= _class_fields(tree, name)
-        except (OSError, SyntaxError, LookupError):
-            return None
-    return frozenset(keys)
+def model_keys() -> frozenset[str]:
+    """Every known ``model:`` key: ``MLATransformerConfig``'s fields (a superset of
+    ``TransformerConfig``'s) and the provider's."""
+    _, mla = config_classes()
+    return field_names(mla) | PROVIDER_FIELDS

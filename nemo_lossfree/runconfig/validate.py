@@ -1,22 +1,29 @@
 """Check a run config before any GPU time is spent.
 
-Every rule here is one Megatron-Core 0.19 (or Megatron-Bridge) applies at
-start-up or on the first step, checked on the plain dict from
-``nemo_lossfree.runconfig.load`` so that a mistake costs a second on a laptop, not
-a queue wait on a cluster. Problems are strings ``"<key>: <problem>"``.
+Checked on the plain dict from ``nemo_lossfree.runconfig.load``, so that a
+mistake costs seconds on a laptop, not a queue wait on a cluster. Problems are
+strings ``"<key>: <problem>"``.
 
-The rules, and where Megatron applies them:
+Megatron-Core's own model rules are Megatron's: the ``model:`` section is
+built into its ``TransformerConfig`` on the CPU (``transformer_config.build``),
+and its refusal is one problem naming the key. The rules below are those
+Megatron applies later (at process-group set-up, model build or the first
+step) or never, and this project's own:
 - world size = nodes x tasks_per_node must be a multiple of TP x PP x CP; the
   rest is data parallelism (``parallel_state.initialize_model_parallel``).
 - the expert grid ETP x EP x PP must divide the world size, i.e. EP x ETP
   divides TP x CP x DP (same function; ETP defaults to TP).
-- EP divides ``num_moe_experts`` (``MoELayer``: experts per rank).
+- EP divides ``num_moe_experts`` (``MoELayer``: experts per rank, at build time).
 - global batch divisible by micro batch x DP (Megatron's microbatch calculator).
 - MoE with TP > 1 needs ``sequence_parallel`` (``MoELayer`` refuses to train
-  otherwise); ``sequence_parallel`` with TP = 1 is switched off by Megatron-LM.
-- virtual pipeline needs PP > 1 and ``num_layers`` divisible by PP x VPP
-  (``TransformerConfig.__post_init__``).
-- top-k, group-limited routing and expert bias rules of ``TransformerConfig``.
+  otherwise; ``TransformerConfig`` only warns, and only with EP > 1).
+- virtual pipeline needs PP > 1, and an even pipeline split needs
+  ``num_layers`` divisible by PP x VPP (``TransformerConfig`` checks only the
+  uneven splits; the even one fails when the model is built).
+- top-k <= experts (``torch.topk`` fails on the first step) and the score
+  function (``scores``; ``TransformerConfig``'s ``Literal`` is not enforced).
+- sequence length divisible by 2 x CP (load-balanced context parallelism).
+- the ``lossfree:`` section (``LossFreeConfig``) and ``compat``'s refusals.
 - every ``model:`` key is a field Megatron knows (``megatron_fields``):
   ``TransformerConfig(**model)`` refuses any other, and Bridge skips it with a
   warning, so a misspelt ``moe_router_topkk`` would silently leave the default.
@@ -29,7 +36,7 @@ from typing import Any, Mapping, Optional
 
 from nemo_lossfree import compat
 from nemo_lossfree.config import LossFreeConfig
-from nemo_lossfree.runconfig import megatron_fields
+from nemo_lossfree.runconfig import megatron_fields, transformer_config
 from nemo_lossfree.runconfig.load import tasks_per_node
 from nemo_lossfree.scores import check_score_function
 
@@ -86,10 +93,6 @@ def _lossfree(c: _Checker) -> Optional[LossFreeConfig]:
 def _model_keys(c: _Checker) -> None:
     model = c.section("model")
     known = megatron_fields.model_keys()
-    if known is None:
-        if model:
-            c.warnings.append("model: keys not checked (Megatron-Core's sources were not found)")
-        return
     for key in model:
         if key in known:
             continue
@@ -99,6 +102,15 @@ def _model_keys(c: _Checker) -> None:
             f"model.{key}: unknown key (not a field of Megatron-Core's TransformerConfig or "
             f"MLATransformerConfig, nor of Megatron-Bridge's GPTModelProvider){hint}"
         )
+
+
+def _megatron_model(c: _Checker) -> None:
+    """Megatron-Core's own rules: the section as its ``TransformerConfig``, one line if refused."""
+    model = c.section("model")
+    if model:
+        problem = transformer_config.check_model_section(model)
+        if problem is not None:
+            c.problems.append(problem)
 
 
 def _routing(c: _Checker, lossfree: Optional[LossFreeConfig]) -> dict[str, Any]:
@@ -119,36 +131,12 @@ def _routing(c: _Checker, lossfree: Optional[LossFreeConfig]) -> dict[str, Any]:
     score = model.get("moe_router_score_function", "softmax")
     info["score"] = score
     c.refusal(check_score_function, score, "model.moe_router_score_function")
-    groups = c.integer("model", "moe_router_num_groups", None, optional=True)
-    group_topk = c.integer("model", "moe_router_group_topk", None, optional=True)
-    if group_topk is not None:
-        if groups is None:
-            c.problems.append(
-                "model.moe_router_num_groups: required when moe_router_group_topk is set "
-                "(group-limited routing)"
-            )
-        elif group_topk > groups:
-            c.problems.append(
-                f"model.moe_router_group_topk: must be <= moe_router_num_groups ({groups}), "
-                f"got {group_topk}"
-            )
-    # Megatron checks the groups only when group-limited routing is on.
-    if group_topk is not None and groups is not None and experts % groups:
-        c.problems.append(
-            f"model.moe_router_num_groups: must divide num_moe_experts ({experts}), got {groups}"
-        )
     if on:
         c.refusal(compat.refuse_upstream_expert_bias, model, "lossfree.enabled", compat.yaml_key)
         c.refusal(compat.refuse_unsupported_balancing, model, compat.yaml_key)
         warning = compat.aux_loss_warning(model, compat.yaml_key)
         if warning is not None:
             c.warnings.append(warning)
-    elif model.get("moe_router_enable_expert_bias") is True and score == "softmax":
-        c.problems.append(
-            "model.moe_router_enable_expert_bias: Megatron-Core refuses expert bias with "
-            "moe_router_score_function softmax; set it false and lossfree.enabled true "
-            "(LossFreeRouter supports softmax)"
-        )
     return info
 
 
@@ -206,15 +194,8 @@ def _layout(c: _Checker, experts: Optional[int]) -> dict[str, Any]:
         c.problems.append(
             f"model.expert_model_parallel_size: must divide num_moe_experts ({experts}), got {ep}"
         )
-    elif experts is None and ep > 1:
-        c.problems.append("model.expert_model_parallel_size: > 1 needs num_moe_experts")
     model = c.section("model")
     sp = model.get("sequence_parallel", False)
-    if sp is True and tp == 1:
-        c.problems.append(
-            "model.sequence_parallel: requires tensor_model_parallel_size > 1, got 1 "
-            "(Megatron-LM switches it off with a warning; set it false)"
-        )
     if sp is not True and tp > 1 and experts is not None:
         c.problems.append(
             f"model.sequence_parallel: must be true with MoE and tensor_model_parallel_size {tp} "
@@ -226,40 +207,22 @@ def _layout(c: _Checker, experts: Optional[int]) -> dict[str, Any]:
             "(interleaved schedule); set it null"
         )
     layers = c.integer("model", "num_layers")
-    first = c.integer("model", "num_layers_in_first_pipeline_stage", None, optional=True)
-    last = c.integer("model", "num_layers_in_last_pipeline_stage", None, optional=True)
-    # An explicit layout string or the embedding/loss accounting split layers
-    # their own way; TransformerConfig checks those, we do not repeat it.
-    custom = any(
+    # Uneven splits (first/last stage sizes, a layout string, embedding/loss
+    # accounting) are TransformerConfig's to check; the even split is ours.
+    uneven = any(
         model.get(k) for k in (
+            "num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
             "pipeline_model_parallel_layout", "account_for_embedding_in_pipeline_split",
             "account_for_loss_in_pipeline_split",
         )
     )
-    if layers is not None and not custom and pp > 1:
-        middle_layers = layers - (first or 0) - (last or 0)
-        middle_stages = pp - (first is not None) - (last is not None)
-        stages = middle_stages * (vpp or 1)
-        if middle_layers < 0 or (middle_stages > 0 and middle_layers % stages) or (
-            middle_stages == 0 and middle_layers != 0
-        ):
-            key = "virtual_pipeline_model_parallel_size" if vpp else "pipeline_model_parallel_size"
-            what = "num_layers" if first is None and last is None else (
-                "num_layers minus the first/last stage layers")
-            c.problems.append(
-                f"model.{key}: {what} ({middle_layers}) must be divisible by "
-                f"{middle_stages} pipeline stage(s) x VPP {vpp or 1} = {stages}"
-            )
-    heads = c.integer("model", "num_attention_heads")
-    if heads is not None and heads % tp:
+    if layers is not None and not uneven and pp > 1 and layers % (pp * (vpp or 1)):
+        key = "virtual_pipeline_model_parallel_size" if vpp else "pipeline_model_parallel_size"
         c.problems.append(
-            f"model.num_attention_heads: must be divisible by tensor_model_parallel_size {tp}, got {heads}"
+            f"model.{key}: num_layers ({layers}) must be divisible by {pp} pipeline stage(s) "
+            f"x VPP {vpp or 1} = {pp * (vpp or 1)}"
         )
-    groups = c.integer("model", "num_query_groups", None, optional=True)
-    if groups is not None and groups % tp:
-        c.problems.append(
-            f"model.num_query_groups: must be divisible by tensor_model_parallel_size {tp}, got {groups}"
-        )
+    c.integer("model", "num_attention_heads")  # divisibility: TransformerConfig's
     seq = c.integer("model", "seq_length", None, optional=True)
     if seq is not None and cp > 1 and seq % (2 * cp):
         c.problems.append(
@@ -290,6 +253,7 @@ def check(config: Mapping[str, Any]) -> tuple[list[str], list[str], dict[str, An
     """``(problems, warnings, facts)`` for a run-config dict; facts feed ``describe``."""
     c = _Checker(config)
     _model_keys(c)
+    _megatron_model(c)
     lossfree = _lossfree(c)
     facts: dict[str, Any] = {"lossfree": lossfree}
     facts.update(_routing(c, lossfree))

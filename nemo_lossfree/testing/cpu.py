@@ -278,6 +278,27 @@ def _keep_cpu_tracker(*args, force_reset: bool = False, **kwargs) -> None:
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
+def seeding_the_cpu_tracker(set_random_seed):
+    """``megatron.training``'s ``_set_random_seed`` (Megatron-LM's and Bridge's) that also seeds
+    the model-parallel RNG tracker on the CPU.
+
+    It seeds that tracker only when ``torch.cuda.device_count() > 0``; the CPU
+    tracker stands in for the CUDA one, so it is seeded the same way.
+    """
+    import functools
+
+    @functools.wraps(set_random_seed)
+    def seeded(*args, **kwargs):
+        device_count = torch.cuda.device_count
+        torch.cuda.device_count = lambda: 1
+        try:
+            return set_random_seed(*args, **kwargs)
+        finally:
+            torch.cuda.device_count = device_count
+
+    return seeded
+
+
 def clip_grad_by_total_norm_on_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
     """Megatron's clip_grad_by_total_norm_fp32 semantics without its CUDA-only checks."""
     if isinstance(parameters, torch.Tensor):

@@ -143,7 +143,7 @@ def gpt_moe_model(
     Without ``layer_spec``: Megatron-Core's local layer spec, or with sequence
     parallelism the block of ``gpt_moe_block_spec``.
     """
-    from megatron.core.models.gpt.gpt_model import GPTModel
+    from nemo_lossfree.spec import gpt_model
 
     if layer_spec is not None:
         spec = layer_spec
@@ -151,11 +151,5 @@ def gpt_moe_model(
         spec = gpt_moe_block_spec(config, loss_free=loss_free)
     else:
         spec = gpt_moe_layer_spec(config.num_moe_experts, loss_free=loss_free)
-    return GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
-        vocab_size=vocab_size,
-        max_sequence_length=max_sequence_length,
-        position_embedding_type="rope",
-        **model_kwargs,
-    )
+    return gpt_model(config, spec, vocab_size=vocab_size, max_sequence_length=max_sequence_length,
+                     **model_kwargs)

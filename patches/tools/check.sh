@@ -12,23 +12,9 @@
 #
 #   patches/tools/check.sh [--keep]        PY=<python> (default .venv/bin/python)
 set -euo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
-root="$(cd "$here/../.." && pwd)"
-py="${PY:-$root/.venv/bin/python}"
-# The steps below change directory: make a relative interpreter path absolute.
-case "$py" in /*) ;; */*) py="$PWD/$py" ;; esac
-keep=0
-[ "${1:-}" = "--keep" ] && keep=1
-
-work="$(mktemp -d "${TMPDIR:-/tmp}/patches-check.XXXXXX")"
-cleanup() { if [ "$keep" = 1 ]; then echo "kept $work"; else rm -rf "$work"; fi; }
-trap cleanup EXIT
+CHECK_NAME=patches-check
+. "$(dirname "$0")/check_common.sh"
 tree="$work/megatron-core"
-start=$SECONDS
-step() { echo "--- patches-check: $* (t=$((SECONDS - start))s)"; }
-
-# Tiny models: one BLAS thread per process is fastest on a shared machine.
-export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
 
 step "apply the series to the megatron-core wheel's sources"
 SERIES=megatron-core PYTHON="$py" "$here/checkout.sh" "$tree"

@@ -23,12 +23,8 @@
 # packages of requirements-megatron-lm-main.txt on top of PY's site-packages; built
 # when missing or stale).
 set -euo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
-root="$(cd "$here/../.." && pwd)"
-py="${PY:-$root/.venv/bin/python}"
-case "$py" in /*) ;; */*) py="$PWD/$py" ;; esac
-keep=0
-[ "${1:-}" = "--keep" ] && keep=1
+CHECK_NAME=patches-check-main
+. "$(dirname "$0")/check_common.sh"
 steps="${STEPS:-series upstream equivalence smoke}"
 ranks="${RANKS:-1}"
 upstream_tests="${UPSTREAM_TESTS:-
@@ -42,17 +38,9 @@ upstream_tests="${UPSTREAM_TESTS:-
   tests/unit_tests/models/test_hybrid_moe_model.py
   tests/unit_tests/test_argument_utils.py}"
 
-work="$(mktemp -d "${TMPDIR:-/tmp}/patches-check-main.XXXXXX")"
-cleanup() {
-  if [ "$keep" = 1 ]; then echo "kept $work"; else rm -rf "$work"; fi
-}
-trap cleanup EXIT
 tree="$work/megatron-lm"
 pristine="$work/megatron-lm-base"
-start=$SECONDS
-step() { echo "--- patches-check-main: $* (t=$((SECONDS - start))s)"; }
 wants() { case " $steps " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
-export OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore
 
 step "the test venv"
 test_venv="${TEST_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/nemo-lossfree/venv-megatron-lm-main}"

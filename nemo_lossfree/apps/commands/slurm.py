@@ -27,7 +27,6 @@ from nemo_lossfree.apps.commands import check_output_dir
 from nemo_lossfree.apps.commands.validate_config import validate
 from nemo_lossfree.apps.slurm.job import LAUNCHERS, SlurmJob
 from nemo_lossfree.exit_codes import EXIT_FAILED, EXIT_USAGE
-from nemo_lossfree.runconfig.load import ConfigFileError
 
 PREFIX = "nemo-lossfree slurm: "
 LAYOUT_FLAGS = (("--nodes", "nodes"), ("--gpus-per-node", "gpus_per_node"),
@@ -147,10 +146,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config, common, layout, out_dir = prepare(args)
-    except ConfigFileError as exc:
-        print(f"{PREFIX}--config: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ValueError as exc:
+        # Before validating (it imports Megatron-Core to build its TransformerConfig: seconds):
+        # a bad --output-dir costs nothing. Created only at the end.
+        check_output_dir(out_dir, "--output-dir", create=False)
+    except ValueError as exc:  # a RunConfigError too: it names the key, or --config and the file
         print(f"{PREFIX}{exc}", file=sys.stderr)
         return EXIT_USAGE
     problems, _ = validate(with_layout(config, layout), prefix=PREFIX)
@@ -161,9 +160,6 @@ def run(args: argparse.Namespace) -> int:
               "nothing written or submitted", file=sys.stderr)
         return EXIT_USAGE
     try:
-        # Before building the job (a CPU job constructs Megatron's TransformerConfig):
-        # a bad --output-dir costs nothing. Created only at the end.
-        check_output_dir(out_dir, "--output-dir", create=False)
         job, run_config = build_job(args, config, common, layout, out_dir)
         script_path = out_dir / f"{job.job_name}.sbatch"
         text = render_sbatch(

@@ -4,7 +4,8 @@ Megatron-Core's local layer specs (no Transformer Engine), CPU-initialised
 float32 weights and the allgather dispatcher, so it runs on the CPU under
 ``nemo_lossfree.testing.cpu``. The arms differ only in their
 ``TransformerConfig`` fields (``arms.py``) and in whether the router is
-``LossFreeRouter``.
+``LossFreeRouter``. The ``GPTModel`` of the spec is ``nemo_lossfree.spec.gpt_model``
+(the tests' small models are built there too).
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def settings_fields(settings: DemoSettings) -> dict[str, Any]:
 
 
 def transformer_config(settings: DemoSettings, arm_fields: dict[str, Any], expert_model_parallel_size: int):
-    """The ``TransformerConfig`` of one arm: the settings' shape, the CPU fields, then the arm's fields."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    """The ``TransformerConfig`` of one arm: the settings' shape, the CPU fields, then the arm's fields.
+    Megatron's refusal is a ``ValueError`` of one line naming the ``model.`` key (``runconfig``'s one build)."""
+    from nemo_lossfree.runconfig.transformer_config import build
 
     fields = dict(
         settings_fields(settings), **CPU_MODEL_FIELDS,
@@ -57,7 +59,7 @@ def transformer_config(settings: DemoSettings, arm_fields: dict[str, Any], exper
         params_dtype=torch.float32,
     )
     fields.update(arm_fields)
-    return TransformerConfig(**fields)
+    return build(fields)
 
 
 def layer_spec(settings: DemoSettings, config, *, loss_free: bool):
@@ -77,16 +79,3 @@ def layer_spec(settings: DemoSettings, config, *, loss_free: bool):
     if loss_free:
         spec = use_loss_free_router(spec)
     return with_sdpa_attention(spec)
-
-
-def gpt_model(config, spec, *, vocab_size: int, max_sequence_length: int):
-    """A ``GPTModel`` with rotary position embeddings."""
-    from megatron.core.models.gpt.gpt_model import GPTModel
-
-    return GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
-        vocab_size=vocab_size,
-        max_sequence_length=max_sequence_length,
-        position_embedding_type="rope",
-    )

@@ -188,7 +188,7 @@ def _refuse_what_the_demo_does_not_run(config: Mapping[str, Any], settings: Demo
         try:
             runs = transformer_config(settings, ARMS[arm].config_fields, ep)
         except ValueError as exc:  # Megatron's own model rules, on the section as the demo runs it
-            raise ValueError(f"model: Megatron's TransformerConfig refuses it (arm {arm}): {exc}") from None
+            raise ValueError(f"{exc} (arm {arm})") from None
         for key, value in model.items():
             if f"model.{key}" in read:
                 continue

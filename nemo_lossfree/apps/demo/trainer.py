@@ -62,6 +62,7 @@ class ArmTrainer:
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
         from nemo_lossfree.apps.demo import model as demo_model
+        from nemo_lossfree.spec import gpt_model
 
         self.arm = ARMS[arm_name]
         self.settings = settings
@@ -73,9 +74,7 @@ class ArmTrainer:
             s, self.arm.config_fields, parallel_state.get_expert_model_parallel_world_size()
         )
         spec = demo_model.layer_spec(s, self.config, loss_free=self.arm.loss_free)
-        model = demo_model.gpt_model(
-            self.config, spec, vocab_size=corpus.vocab_size, max_sequence_length=s.seq_length
-        )
+        model = gpt_model(self.config, spec, vocab_size=corpus.vocab_size, max_sequence_length=s.seq_length)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
         )

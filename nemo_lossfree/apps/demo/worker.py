@@ -129,13 +129,10 @@ def settings_of(parser: argparse.ArgumentParser, args: argparse.Namespace,
     if given:
         raise ValueError(f"{given[0]}: the run config sets the model and training; give it as an override "
                          "(KEY=VALUE) or drop --config")
-    from nemo_lossfree.runconfig.load import ConfigFileError, load_run_config
+    from nemo_lossfree.runconfig.load import load_run_config
     from nemo_lossfree.runconfig.validate import check
 
-    try:
-        config = load_run_config(args.config, args.overrides)
-    except ConfigFileError as exc:
-        raise ValueError(f"--config: {exc}") from None
+    config = load_run_config(args.config, args.overrides, flag="--config")  # a ValueError names the key
     world = environment_world_size()
     config.setdefault("cluster", {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": world})
     if world_size_of(config) not in (None, world):
@@ -242,6 +239,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    # CPU mode first: it must run before Megatron-Core's router module is imported,
+    # and checking the run config imports it (TransformerConfig's module does).
+    # Quietly: Megatron's import warnings must not bury a bad flag's one line.
+    from nemo_lossfree.runconfig.megatron_fields import quiet
+    from nemo_lossfree.testing import cpu
+
+    with quiet():
+        cpu.enable()
     try:
         from nemo_lossfree.apps.demo.arms import parse_arms
         from nemo_lossfree.apps.demo.settings import check_run
@@ -255,10 +260,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"nemo_lossfree.apps.demo.worker: {line}", file=sys.stderr)
         return EXIT_USAGE
 
-    # CPU mode first: it must run before Megatron-Core's router module is imported.
-    from nemo_lossfree.testing import cpu
-
-    cpu.enable()
     import torch
 
     torch.set_num_threads(int(os.environ.get("NEMO_LOSSFREE_THREADS", "1")))

@@ -16,7 +16,6 @@ the pool is large enough, so the counts carry the sampling noise of a batch.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Sequence, Union
 
@@ -24,6 +23,7 @@ import torch
 
 from nemo_lossfree.apps.simulator.scores import RecordedPool, SyntheticPool
 from nemo_lossfree.apps.simulator.topk_counts import BLOCK_TOKENS, CandidateTopK
+from nemo_lossfree.config import check_integer, check_nonnegative
 
 Pool = Union[SyntheticPool, RecordedPool]
 
@@ -46,13 +46,10 @@ class Environment:
                  drift: float = 0.0, noise: float = 0.0, seed: int = 0) -> None:
         if not pools:
             raise ValueError("pools: need at least one pool of tokens")
-        if steps < 1:
-            raise ValueError(f"steps: must be >= 1, got {steps}")
-        if tokens_per_step < 1:
-            raise ValueError(f"tokens: must be >= 1, got {tokens_per_step}")
-        for name, value in (("drift", drift), ("noise", noise)):
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
+        check_integer("steps", steps, minimum=1)
+        check_integer("tokens", tokens_per_step, minimum=1)
+        check_nonnegative("drift", drift)
+        check_nonnegative("noise", noise)
         experts = {p.num_experts for p in pools}
         if len(experts) != 1:
             raise ValueError(f"pools: all pools need the same number of experts, got {sorted(experts)}")

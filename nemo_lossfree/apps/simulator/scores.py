@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from nemo_lossfree.config import check_integer, check_nonnegative
 from nemo_lossfree.scores import check_score_function, router_scores
 
 SCORE_KINDS = ("logits", "scores")
@@ -36,13 +37,10 @@ class SyntheticPool:
 
     def __init__(self, *, num_tokens: int, num_experts: int, score_function: str = "sigmoid",
                  skew: float = 1.0, token_spread: float = 1.0, seed: int = 0) -> None:
-        if num_tokens < 1:
-            raise ValueError(f"num_tokens: must be >= 1, got {num_tokens}")
-        if num_experts < 2:
-            raise ValueError(f"num_experts: must be >= 2, got {num_experts}")
-        for name, value in (("skew", skew), ("token_spread", token_spread)):
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
+        check_integer("num_tokens", num_tokens, minimum=1)
+        check_integer("num_experts", num_experts, minimum=2)
+        check_nonnegative("skew", skew)
+        check_nonnegative("token_spread", token_spread)
         check_score_function(score_function, "score_function")
         generator = torch.Generator().manual_seed(seed)
         self.num_tokens, self.num_experts = num_tokens, num_experts

@@ -67,11 +67,11 @@ def load_config(path: str, overrides: list[str]) -> dict[str, Any]:
     """The run config as nested dicts, overrides applied (``a.b=value``).
 
     ``nemo_lossfree.runconfig.load.load_run_config``, the one reader of run-config
-    files: its ``RunConfigError`` (a ``ValueError``) names the file or key.
+    files: its ``RunConfigError`` (a ``ValueError``) names the key, or ``--config`` and the file.
     """
     from nemo_lossfree.runconfig.load import load_run_config
 
-    return load_run_config(path, list(overrides))
+    return load_run_config(path, list(overrides), flag="--config")
 
 
 def default_python() -> str:

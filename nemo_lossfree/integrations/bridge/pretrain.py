@@ -32,7 +32,6 @@ from typing import Any, Callable, Optional, Sequence
 
 from nemo_lossfree.exit_codes import EXIT_USAGE
 from nemo_lossfree.runconfig.load import (
-    ConfigFileError,
     RunConfigError,
     load_run_config,
     save_run_config,
@@ -122,10 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        merged = load_run_config(args.config_file, args.overrides)
-    except ConfigFileError as exc:
-        print(f"error: --config-file: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        merged = load_run_config(args.config_file, args.overrides, flag="--config-file")
     except RunConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

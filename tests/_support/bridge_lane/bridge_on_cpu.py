@@ -53,20 +53,7 @@ def install() -> None:
     from megatron.bridge.training import initialize, setup
 
     setup.initialize_megatron = functools.partial(initialize.initialize_megatron, allow_no_cuda=True)
-    # _set_random_seed seeds Megatron's model-parallel RNG streams only when
-    # torch.cuda.device_count() > 0; seed them (into the CPU tracker) here too.
-    original_seed = initialize._set_random_seed
-
-    @functools.wraps(original_seed)
-    def _set_random_seed_on_cpu(*args, **kwargs):
-        real_count = torch.cuda.device_count
-        torch.cuda.device_count = lambda: 1
-        try:
-            return original_seed(*args, **kwargs)
-        finally:
-            torch.cuda.device_count = real_count
-
-    initialize._set_random_seed = _set_random_seed_on_cpu
+    initialize._set_random_seed = cpu.seeding_the_cpu_tracker(initialize._set_random_seed)
     # Not CPU-specific: initialize_megatron runs `make` in megatron/core/datasets,
     # but the megatron-core wheel ships the compiled helpers_cpp and no Makefile,
     # so the make fails (on GPUs too). Use the shipped module.

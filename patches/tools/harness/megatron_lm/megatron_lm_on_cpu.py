@@ -106,24 +106,6 @@ def _destroying_groups(megatron_destroy):
     return destroy_model_parallel
 
 
-def _seeding_the_cpu_tracker(set_random_seed):
-    """``megatron.training.initialize._set_random_seed`` that also seeds the RNG tracker here.
-
-    It seeds the model-parallel RNG tracker only when ``torch.cuda.device_count() > 0``; the
-    CPU shim's tracker stands in for the CUDA one, so it is seeded the same way.
-    """
-
-    def seeded(*args, **kwargs):
-        device_count = torch.cuda.device_count
-        torch.cuda.device_count = lambda: 1
-        try:
-            return set_random_seed(*args, **kwargs)
-        finally:
-            torch.cuda.device_count = device_count
-
-    return seeded
-
-
 def _no_test_data_download(assets_dir) -> bool:
     print(f"megatron_lm_on_cpu: not downloading Megatron-LM's test data to {assets_dir} (no network)")
     return False
@@ -139,7 +121,7 @@ def _patch_checkout() -> None:
 
     Utils.initialize_distributed = staticmethod(_initialize_distributed_on_gloo)
     parallel_state.destroy_model_parallel = _destroying_groups(parallel_state.destroy_model_parallel)
-    initialize._set_random_seed = _seeding_the_cpu_tracker(initialize._set_random_seed)
+    initialize._set_random_seed = cpu.seeding_the_cpu_tracker(initialize._set_random_seed)
     download_unit_tests_dataset.download_and_extract_asset = _no_test_data_download
 
 
