@@ -69,6 +69,25 @@ def test_tensor_parallel_2_with_sequence_parallelism():
     assert all(r["tp_replicas_differ"] == [[]] * STEPS for r in results)
 
 
+def test_tensor_parallel_2_by_expert_parallel_2_with_sequence_parallelism():
+    # 4 ranks: TP groups {0,1} {2,3}, each TP rank routing its half of the
+    # sequences (SP), two data-parallel replicas, and the 8 experts split over
+    # EP=2 with Megatron-Core's default expert tensor parallelism (ETP = TP = 2,
+    # each expert's weights sharded over the TP ranks). The routers are on all
+    # four ranks, so the reduction spans all four; the allgather dispatcher
+    # works under gloo (alltoall needs list split sizes).
+    lf = dict(update_rate=1e-2, update_rule="sign", center=True)
+    parallel = dict(tensor_model_parallel_size=2, expert_model_parallel_size=2)
+    results = run_on_ranks(dist_workers.train_and_check, 4, parallel, lf, STEPS, False, **parallel)
+    check_replicas_agree(results, num_routers=2)
+    assert results[0]["group_ranks"] == [0, 1, 2, 3]
+    # Expert TP 2 (not given: Megatron-Core's default), EP pairs across the TP groups, 4 experts a rank.
+    assert [r["expert_layout"] for r in results] == [
+        (2, [0, 2], {4}), (2, [1, 3], {4}), (2, [0, 2], {4}), (2, [1, 3], {4})
+    ]
+    assert all(r["tp_replicas_differ"] == [[]] * STEPS for r in results)
+
+
 def test_context_parallel_2_routes_each_ranks_part_of_the_sequences():
     lf = dict(update_rate=1e-2, update_rule="sign", center=True)
     results = run_on_ranks(

@@ -174,6 +174,12 @@ def train_and_check(rank: int, parallel: dict, lf: dict, steps: int, mtp: bool) 
         "metrics": balancer.last_metrics,
         "steps_done": balancer.steps_done,
         "tp_replicas_differ": tp_replicas_differ,
+        # Where the experts went: expert tensor parallel size, EP group, experts per rank.
+        "expert_layout": (
+            parallel_state.get_expert_tensor_parallel_world_size(),
+            dist.get_process_group_ranks(parallel_state.get_expert_model_parallel_group()),
+            {m.num_local_experts for m in model.modules() if hasattr(m, "num_local_experts")},
+        ),
     }
 
 
