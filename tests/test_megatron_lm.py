@@ -241,6 +241,7 @@ def test_a_saved_config_records_the_function_the_balancer_wraps(pg_collection):
     from megatron.training.config.container import ConfigContainerBase
 
     from nemo_lossfree import LossFreeBalancer
+
     from _support.routers import routers_with_expert_counts
 
     routers = routers_with_expert_counts(pg_collection, [8])
