@@ -28,8 +28,9 @@ files linked, nothing copied or changed) whose run config fixes them:
   ``--layer-spec`` also replaces a recorded spec (e.g. Bridge's local spec on
   a machine without Transformer Engine).
 - ``model.finalize_model_grads_func`` is the function Bridge's setup installs
-  at every start (the balancer wraps it); it is runtime state, not
-  architecture, and is not loadable by name: it is dropped.
+  at every start; it is runtime state, not architecture: it is dropped.
+  Checkpoints saved before the balancer's wrapper serialised as the function
+  it wraps (``balancer.attach``) named the wrapper, which cannot be imported.
 
 A checkpoint of a model trained with Megatron-Core's own expert bias
 (``moe_router_enable_expert_bias``, ``TopKRouter``) exports the same way: the
