@@ -77,7 +77,6 @@ class _Group:
     biases: list[torch.Tensor]
     state: dict[str, list[torch.Tensor]]  # update-state key -> the routers' buffers
     layer_ids: list[int]
-    health: list[torch.Tensor]  # the routers' health sums (logging steps)
     placements: list[Optional[torch.Tensor]]  # EP rank per expert (None where EP is 1)
     topks: list[int]
 
@@ -279,7 +278,6 @@ class LossFreeBalancer:
                 biases=[r._buffers["expert_bias"] for r in members],
                 state={key: [r._buffers[STATE_BUFFERS[key]] for r in members] for key in self._state_keys},
                 layer_ids=[layer_id(r, self.routers.index(r)) for r in members],
-                health=[r._buffers["local_health"] for r in members],
                 placements=[self.placements[self.routers.index(r)] for r in members],
                 topks=[r.topk for r in members],
             ))
