@@ -5,20 +5,22 @@ results writer import it without importing each other.
 """
 
 import json
+from typing import Optional
 
 #: Rank 0's per-step progress lines start with this (the launcher reads them).
 PROGRESS_PREFIX = "@@lossfree-progress "
 
 
-def progress_events(log_text: str) -> list[dict]:
-    """The progress events in a job's log, in order.
+def progress_event(line: str) -> Optional[dict]:
+    """The event a progress line carries, or None for any other line.
 
     The marker may follow whatever a launcher puts before a rank's output
-    (srun's ``--label``, NeMo-Run's prefixes), so it is searched on each line.
+    (srun's ``--label``, NeMo-Run's prefixes), so it is searched in the line.
     """
-    events = []
-    for line in log_text.splitlines():
-        _, marker, payload = line.partition(PROGRESS_PREFIX)
-        if marker and payload.startswith("{"):
-            events.append(json.loads(payload))
-    return events
+    _, marker, payload = line.partition(PROGRESS_PREFIX)
+    return json.loads(payload) if marker and payload.startswith("{") else None
+
+
+def progress_events(log_text: str) -> list[dict]:
+    """The progress events in a job's log, in order."""
+    return [event for event in map(progress_event, log_text.splitlines()) if event is not None]
