@@ -81,17 +81,3 @@ def use_loss_free_router(spec: Any, router: type = LossFreeRouter, *, require_mo
         )
     return rewritten
 
-
-def gpt_model(config, layer_spec: Any, *, vocab_size: int, max_sequence_length: int, **model_kwargs: Any):
-    """Megatron-Core's ``GPTModel`` of ``layer_spec`` with rotary position embeddings: the small
-    GPT-MoE of the demo (``apps/demo/model.py``) and of the tests (``testing/models.py``)."""
-    from megatron.core.models.gpt.gpt_model import GPTModel
-
-    return GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec,
-        vocab_size=vocab_size,
-        max_sequence_length=max_sequence_length,
-        position_embedding_type="rope",
-        **model_kwargs,
-    )

@@ -126,3 +126,27 @@ def test_built_model_uses_the_router(single_rank):
     assert [r.layer_number for r in routers] == [1, 2]
     keys = [k for k in model.state_dict() if k.endswith("router.expert_bias")]
     assert keys == ["decoder.layers.0.mlp.router.expert_bias", "decoder.layers.1.mlp.router.expert_bias"]
+
+
+def test_an_upstream_model_is_built_without_importing_the_plugin():
+    # The patches' equivalence check builds upstream-only models with testing.models
+    # and asserts the plugin stays unimported; the shared GPTModel builder once lived
+    # in spec.py, whose import pulls in LossFreeRouter.
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from nemo_lossfree.testing import cpu
+cpu.enable()
+from nemo_lossfree.testing.distributed import free_port
+cpu.init_distributed(0, 1, init_method=f"tcp://127.0.0.1:{free_port()}")
+from nemo_lossfree.testing.models import gpt_moe_model, moe_transformer_config
+config = moe_transformer_config(expert_bias=True, num_layers=1, hidden_size=32, num_attention_heads=4,
+                                num_experts=4, topk=2)
+gpt_moe_model(config, vocab_size=64, max_sequence_length=16, loss_free=False)
+print(sorted(m for m in ("nemo_lossfree.router", "nemo_lossfree.balancer") if m in sys.modules))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout

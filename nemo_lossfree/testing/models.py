@@ -143,7 +143,7 @@ def gpt_moe_model(
     Without ``layer_spec``: Megatron-Core's local layer spec, or with sequence
     parallelism the block of ``gpt_moe_block_spec``.
     """
-    from nemo_lossfree.spec import gpt_model
+    from nemo_lossfree.gpt import gpt_model
 
     if layer_spec is not None:
         spec = layer_spec

@@ -62,7 +62,7 @@ class ArmTrainer:
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
         from nemo_lossfree.apps.demo import model as demo_model
-        from nemo_lossfree.spec import gpt_model
+        from nemo_lossfree.gpt import gpt_model
 
         self.arm = ARMS[arm_name]
         self.settings = settings
