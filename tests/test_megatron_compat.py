@@ -1,8 +1,9 @@
 """megatron_compat, one test per shim, against the Megatron-Core minor installed.
 
 `make test` runs these on 0.19; .ci/lanes/25-mcore-versions.sh runs them on
-every older supported minor (requirements/mcore-versions.txt), where the
-shims are the code path.
+the oldest supported minor in CI and on every older one with
+MCORE_LANE_VERSIONS=all (`make mcore-versions-test`), where the shims are the
+code path.
 """
 
 import pytest

@@ -14,6 +14,10 @@
 #    (docs/slurm.md).
 # NLF_SLURM_PART_TIMEOUT: seconds for one cluster's tests (default 1200).
 set -euo pipefail
+# As users run on shared machines (and the tests do): the cluster must still size
+# its node from every CPU (local_cluster.sh once read nproc, which honours this,
+# and every 2-task job stayed PENDING).
+export OMP_NUM_THREADS=1
 cd "$(dirname "$0")/../.."
 source .ci/lib/cluster_ports.sh
 

@@ -13,6 +13,10 @@
 # resumes to the same biases.
 # NLF_NEMO_RUN_TIMEOUT: seconds for the checks (default 900).
 set -euo pipefail
+# As users run on shared machines (and the tests do): the cluster must still size
+# its node from every CPU (local_cluster.sh once read nproc, which honours this,
+# and every 2-task job stayed PENDING).
+export OMP_NUM_THREADS=1
 cd "$(dirname "$0")/../.."
 start=$SECONDS
 source .ci/lib/lane_venv.sh

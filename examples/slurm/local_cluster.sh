@@ -70,7 +70,9 @@ node_names() {
 write_config() {
   local nodes=$1 ctld_host=$2 ctld_addr=$3
   local cpus mem
-  cpus=$(nproc)
+  # --all: the machine's CPUs. Plain nproc honours OMP_NUM_THREADS, and a shell that
+  # exported OMP_NUM_THREADS=1 got a one-CPU node on which every 2-task job stayed PENDING.
+  cpus=$(nproc --all)
   mem=$(real_memory_mb)
   mkdir -p "$STATE"/{etc,run,log,ctld,munge}
   # munged wants its socket directory readable by all, its key private.
