@@ -500,16 +500,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         for row in run_world(world_size, options):
             rows.append(row)
             print(json.dumps(row), flush=True)
-    result = {
-        "benchmark": "balancer_cost",
-        "command": timing.command_line(argv),
-        "shape": shape,
-        "assumed_step_s": ASSUMED_STEP_S,
-        "machine": dict(timing.machine_info(torch.device("cpu")), worker_torch_threads=1),
-        "wall_s": time.time() - started,
-        "rows": rows,
-    }
-    timing.publish(result, markdown(rows), args.json)
+    timing.publish("balancer_cost", argv, started=started,
+                   machine=dict(timing.machine_info(torch.device("cpu")), worker_torch_threads=1),
+                   rows=rows, table=markdown(rows), json_path=args.json, shape=shape, assumed_step_s=ASSUMED_STEP_S)
     return 0
 
 

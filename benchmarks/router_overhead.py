@@ -251,16 +251,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = []
     for shape in shapes:
         rows += measure_shape(shape, scopes=args.scopes, repetitions=repetitions, dtype=dtype, device=device)
-    result = {
-        "benchmark": "router_overhead",
-        "command": timing.command_line(argv),
-        "device": args.device,
-        "dtype": args.dtype or ("bf16" if device.type == "cuda" else "fp32"),
-        "machine": timing.machine_info(device),
-        "wall_s": time.time() - started,
-        "rows": rows,
-    }
-    timing.publish(result, markdown(rows), args.json)
+    timing.publish("router_overhead", argv, started=started, machine=timing.machine_info(device),
+                   rows=rows, table=markdown(rows), json_path=args.json,
+                   device=args.device, dtype=args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     return 0
 
 

@@ -111,10 +111,19 @@ def command_line(argv: Sequence[str] | None) -> str:
     return " ".join([os.path.basename(sys.argv[0])] + list(argv if argv is not None else sys.argv[1:]))
 
 
-def publish(result: Mapping[str, object], table: str, json_path: str | None) -> None:
-    """Print the markdown table and, if asked, write the whole result as JSON."""
+def publish(benchmark: str, argv: Sequence[str] | None, *, started: float, machine: Mapping[str, object],
+            rows: list, table: str, json_path: str | None, **fields: object) -> None:
+    """Print the markdown table and, if asked, write the whole result as JSON.
+
+    Every result file has the same frame: the benchmark's name, the command
+    that reproduces it, the machine, the wall time since ``started``
+    (``time.time()``) and the rows; ``fields`` are the benchmark's own
+    settings (shape, device, ...), recorded between the command and the machine.
+    """
     import json
 
+    result = {"benchmark": benchmark, "command": command_line(argv), **fields, "machine": dict(machine),
+              "wall_s": time.time() - started, "rows": rows}
     print()
     print(table)
     if json_path:

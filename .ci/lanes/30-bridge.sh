@@ -15,23 +15,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 start=$SECONDS
-# Outside the work tree (nothing for git to see); rebuilt when the pins or
-# the project venv it sits on change (by its real path: a checkout whose .venv
-# links to another checkout's reuses that one's lane venv instead of rebuilding it).
+source .ci/lib/lane_venv.sh
 LANE_VENV=${BRIDGE_LANE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/nemo-lossfree/venv-bridge}
-PROJECT_SITE=$(.venv/bin/python -c 'import os, site; print(os.path.realpath(site.getsitepackages()[0]))')
-STAMP=$( (cat tests/_support/bridge_lane/requirements-bridge-lane.txt; echo "$PROJECT_SITE") | sha256sum | cut -c1-16)
-
-if [ "$(cat "$LANE_VENV/.installed" 2>/dev/null)" != "$STAMP" ]; then
-  PY312=$(.venv/bin/python -c 'import sys; print(sys._base_executable)')
-  rm -rf "$LANE_VENV"
-  "$PY312" -m venv "$LANE_VENV"
-  LANE_SITE=$("$LANE_VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')
-  # addsitedir (not a bare path) so the project's editable install is seen too.
-  echo "import site; site.addsitedir('$PROJECT_SITE')" > "$LANE_SITE/_project_venv.pth"
-  "$LANE_VENV/bin/python" -m pip install --quiet --no-deps -r tests/_support/bridge_lane/requirements-bridge-lane.txt
-  echo "$STAMP" > "$LANE_VENV/.installed"
-fi
+lane_venv "$LANE_VENV" tests/_support/bridge_lane/requirements-bridge-lane.txt
 echo "bridge lane: venv ready (t=$((SECONDS - start))s)"
 "$LANE_VENV/bin/python" tests/_support/bridge_lane/run_with_stand_ins.py -m pytest -q -p no:cacheprovider \
   -o addopts="" tests/_support/bridge_lane/lane_checks.py

@@ -19,6 +19,7 @@ set -euo pipefail
 # and every 2-task job stayed PENDING).
 export OMP_NUM_THREADS=1
 cd "$(dirname "$0")/../.."
+source .ci/lib/cluster_ports.sh
 
 sizes=${NLF_SLURM_NODES:-1 2}
 part_timeout=${NLF_SLURM_PART_TIMEOUT:-1200}
@@ -33,15 +34,7 @@ new_cluster() {
   export NLF_SLURM_STATE=$base/$1
   mkdir -p "$NLF_SLURM_STATE"
   chmod 755 "$NLF_SLURM_STATE"
-  read -r NLF_SLURMCTLD_PORT NLF_SLURMD_PORT < <(.venv/bin/python - <<'PY'
-import socket
-socks = [socket.socket() for _ in range(2)]
-for s in socks:
-    s.bind(("", 0))
-print(*(s.getsockname()[1] for s in socks))
-PY
-)
-  export NLF_SLURMCTLD_PORT NLF_SLURMD_PORT
+  cluster_ports
 }
 stop_cluster() {
   status=$?

@@ -19,22 +19,10 @@ set -euo pipefail
 export OMP_NUM_THREADS=1
 cd "$(dirname "$0")/../.."
 start=$SECONDS
-REQS=tests/_support/nemo_run_lane/requirements-nemo-run-lane.txt
+source .ci/lib/lane_venv.sh
+source .ci/lib/cluster_ports.sh
 LANE_VENV=${NEMO_RUN_LANE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/nemo-lossfree/venv-nemo-run}
-# Rebuilt when the pins or the project venv it sits on change (by its real path,
-# as the Bridge lane: a checkout whose .venv links to another's reuses that lane venv).
-PROJECT_SITE=$(.venv/bin/python -c 'import os, site; print(os.path.realpath(site.getsitepackages()[0]))')
-STAMP=$( (cat "$REQS"; echo "$PROJECT_SITE") | sha256sum | cut -c1-16)
-if [ "$(cat "$LANE_VENV/.installed" 2>/dev/null)" != "$STAMP" ]; then
-  PY312=$(.venv/bin/python -c 'import sys; print(sys._base_executable)')
-  rm -rf "$LANE_VENV"
-  "$PY312" -m venv "$LANE_VENV"
-  LANE_SITE=$("$LANE_VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')
-  # addsitedir (not a bare path) so the project's editable install is seen too.
-  echo "import site; site.addsitedir('$PROJECT_SITE')" > "$LANE_SITE/_project_venv.pth"
-  "$LANE_VENV/bin/python" -m pip install --quiet --no-deps -r "$REQS"
-  echo "$STAMP" > "$LANE_VENV/.installed"
-fi
+lane_venv "$LANE_VENV" tests/_support/nemo_run_lane/requirements-nemo-run-lane.txt
 echo "nemo-run lane: venv ready (t=$((SECONDS - start))s)"
 
 cluster=examples/slurm/local_cluster.sh
@@ -55,16 +43,7 @@ stop_cluster() {
   exit "$status"
 }
 trap stop_cluster EXIT
-# Free ports of our own: a developer's cluster on the same machine is neither reused nor stopped.
-read -r NLF_SLURMCTLD_PORT NLF_SLURMD_PORT < <(.venv/bin/python - <<'PY'
-import socket
-socks = [socket.socket() for _ in range(2)]
-for s in socks:
-    s.bind(("", 0))
-print(*(s.getsockname()[1] for s in socks))
-PY
-)
-export NLF_SLURMCTLD_PORT NLF_SLURMD_PORT
+cluster_ports
 bash "$cluster" start --nodes 1
 eval "$(bash "$cluster" env)"
 echo "nemo-run lane: cluster up (t=$((SECONDS - start))s)"

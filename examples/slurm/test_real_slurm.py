@@ -25,10 +25,8 @@ cluster, 2 x 1: the two ranks rendezvous across two "nodes").
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -36,25 +34,20 @@ from pathlib import Path
 
 import pytest
 
+from nemo_lossfree.apps.demo.protocol import progress_events
 from nemo_lossfree.apps.slurm import submit as slurm
+from nemo_lossfree.testing.slurm_jobs import (
+    SHORT_RUN_OVERRIDES,
+    assert_resumed_to_the_same_end,
+    job_results,
+    require_cluster,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = os.environ.get("NLF_SLURM_CONFIG", str(REPO / "configs" / "tiny-cpu.yaml"))
 NODES = os.environ.get("NLF_SLURM_NODES", "1")
 TASKS = os.environ.get("NLF_SLURM_TASKS", str(max(1, 2 // int(NODES))))
-# Short runs (the lane must stay within a few minutes on 2 cores), tuned so
-# that the balancer's effect shows within them: the learning rate that lets
-# the routers drift out of balance within ~15 steps (3e-3), and the demo's
-# short-horizon bias step (2e-2 decaying as 1/(1 + t/20); the paper's
-# constant 1e-3 needs thousands of steps). No periodic checkpoints: the
-# preempted run's only checkpoint is the one written on USR1.
-OVERRIDES = os.environ.get(
-    "NLF_SLURM_OVERRIDES",
-    "train.train_iters=30 optimizer.lr=0.003 scheduler.lr_warmup_iters=10 checkpoint.save_interval=1000 "
-    "lossfree.update_rate=0.02 lossfree.schedule=inverse_time lossfree.decay_steps=20 "
-    "lossfree.min_update_rate=0.001",
-).split()
-PROGRESS = re.compile(r"@@lossfree-progress (\{.*\})$")
+OVERRIDES = os.environ.get("NLF_SLURM_OVERRIDES", " ".join(SHORT_RUN_OVERRIDES)).split()
 JOB_TIMEOUT_S = 600
 # The preemption test waits up to JOB_TIMEOUT_S for the job to get going and
 # as long again for it to requeue and finish; pytest's default 600 s cut
@@ -70,27 +63,12 @@ def _job_args(out_dir: Path, name: str, launcher: str) -> list[str]:
 
 
 def _events(log: Path) -> list[dict]:
-    events = []
-    for line in log.read_text(errors="replace").splitlines():
-        match = PROGRESS.search(line)
-        if match:
-            events.append(json.loads(match.group(1)))
-    return events
-
-
-def _results(out_dir: Path) -> dict:
-    return json.loads((out_dir / "results" / "loss_free.json").read_text())
+    return progress_events(log.read_text(errors="replace"))
 
 
 @pytest.fixture(scope="module")
-def cluster() -> None:
-    if not os.environ.get("SLURM_CONF") or shutil.which("sbatch") is None:
-        pytest.fail("no SLURM here: start examples/slurm/local_cluster.sh and export SLURM_CONF")
-    subprocess.run(["sinfo"], check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def full_run(cluster, tmp_path_factory) -> Path:
+def full_run(tmp_path_factory) -> Path:
+    require_cluster()
     out_dir = tmp_path_factory.mktemp("full")
     proc = subprocess.run(_job_args(out_dir, "full", "srun") + ["--wait", "--wait-timeout", str(JOB_TIMEOUT_S)],
                           cwd=REPO, capture_output=True, text=True, timeout=JOB_TIMEOUT_S + 60)
@@ -111,7 +89,7 @@ def test_job_completes_and_the_balancer_runs(full_run):
     # back: the last 5 steps' MaxVio is well below its worst 5-step stretch.
     windows = [sum(maxvio[i:i + 5]) / 5 for i in range(len(maxvio) - 4)]
     assert windows[-1] < 0.7 * max(windows), f"MaxVio_batch did not fall: {[round(v, 2) for v in maxvio]}"
-    result = _results(full_run)
+    result = job_results(full_run)
     assert result["finished"] and result["steps_done"] == total
     assert any(any(b != 0.0 for b in layer) for layer in result["final_bias"]), "biases never moved"
     # The ranks ran where SLURM put them: one srun task per rank.
@@ -127,7 +105,7 @@ def test_preempted_job_requeues_and_resumes_to_the_same_biases(full_run, tmp_pat
     assert proc.returncode == 0, proc.stderr
     job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
     log = tmp_path / "logs" / f"preempt-{job_id}.out"
-    total = _results(full_run)["steps_done"]
+    total = job_results(full_run)["steps_done"]
     # Preempt mid-run: after a third of the steps, before the end.
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while True:
@@ -154,8 +132,4 @@ def test_preempted_job_requeues_and_resumes_to_the_same_biases(full_run, tmp_pat
     steps_after = [e["step"] for e in events if e["event"] == "step"][-(total - stopped[0]["step"]):]
     assert steps_after == list(range(stopped[0]["step"] + 1, total + 1))
 
-    resumed, reference = _results(tmp_path), _results(full_run)
-    assert resumed["finished"] and resumed["steps_done"] == total
-    # Same data position, RNG and balancer schedule: bit-identical biases.
-    assert resumed["final_bias"] == reference["final_bias"]
-    assert resumed["balancer_state"] == reference["balancer_state"]
+    assert_resumed_to_the_same_end(tmp_path, full_run)

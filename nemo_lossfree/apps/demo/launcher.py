@@ -8,14 +8,13 @@ progress bar per arm. Their other output goes to ``<out>/logs/rank<r>.log``.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
 
-from nemo_lossfree.apps.demo.protocol import PROGRESS_PREFIX
+from nemo_lossfree.apps.demo.protocol import progress_event
 from nemo_lossfree.exit_codes import EXIT_STOPPED
 from nemo_lossfree.testing.distributed import free_port
 
@@ -81,9 +80,10 @@ def _run_workers(command: list[str], base_env: dict, logs: Path, bars: _Bars) ->
     try:
         assert procs[0].stdout is not None
         for line in procs[0].stdout:
-            if line.startswith(PROGRESS_PREFIX):
+            event = progress_event(line)
+            if event is not None:
                 started = True
-                bars.handle(json.loads(line[len(PROGRESS_PREFIX):]))
+                bars.handle(event)
             else:
                 log_files[0].write(line)
         if procs[0].wait() not in (0, EXIT_STOPPED):

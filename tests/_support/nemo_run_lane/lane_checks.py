@@ -13,10 +13,8 @@ resumes to the uninterrupted run's biases.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -25,22 +23,23 @@ from pathlib import Path
 import nemo_run as run
 import pytest
 
+from nemo_lossfree.apps.demo.protocol import progress_events
 from nemo_lossfree.apps.slurm import submit as slurm
 from nemo_lossfree.apps.slurm.nemo_run import demo_worker_script
 from nemo_lossfree.exit_codes import EXIT_STOPPED
 from nemo_lossfree.integrations import nemo_run as lossfree_run
 from nemo_lossfree.runconfig.load import RunConfigError, load_run_config
+from nemo_lossfree.testing.distributed import free_port
+from nemo_lossfree.testing.slurm_jobs import (
+    SHORT_RUN_OVERRIDES,
+    assert_resumed_to_the_same_end,
+    job_results,
+    require_cluster,
+)
 
 REPO = Path(__file__).resolve().parents[3]
 TINY = str(REPO / "configs" / "tiny-cpu.yaml")
 DSV3 = str(REPO / "configs" / "deepseek-v3-1024gpu.yaml")
-# As examples/slurm/test_real_slurm.py: short runs in which the balancer's effect shows.
-OVERRIDES = [
-    "train.train_iters=30", "optimizer.lr=0.003", "scheduler.lr_warmup_iters=10",
-    "checkpoint.save_interval=1000", "lossfree.update_rate=0.02", "lossfree.schedule=inverse_time",
-    "lossfree.decay_steps=20", "lossfree.min_update_rate=0.001",
-]
-PROGRESS = re.compile(r"@@lossfree-progress (\{.*\})$")
 JOB_TIMEOUT_S = 420
 pytestmark = pytest.mark.timeout(2 * JOB_TIMEOUT_S + 120)
 
@@ -70,7 +69,7 @@ def _rendered_script(task, executor, name: str, base_dir: Path) -> str:
 
 # ------------------------------------------------------------ without a cluster
 def test_cpu_task_runs_the_demo_worker_on_the_resolved_config(tmp_path):
-    launch = lossfree_run.load_config(TINY, OVERRIDES)
+    launch = lossfree_run.load_config(TINY, list(SHORT_RUN_OVERRIDES))
     assert launch.config["cluster"] == {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 2}
     task = demo_worker_script(launch, tmp_path / "job")
     assert isinstance(task, run.Script) and task.m and task.entrypoint == sys.executable
@@ -151,18 +150,13 @@ def test_a_bad_config_is_one_line_before_anything_is_written(tmp_path):
 
 # ------------------------------------------------------------ on the local cluster
 def _events(log: Path) -> list[dict]:
-    events = []
-    for line in log.read_text(errors="replace").splitlines():
-        match = PROGRESS.search(line)
-        if match:
-            events.append(json.loads(match.group(1)))
-    return events
+    return progress_events(log.read_text(errors="replace"))
 
 
 def _submit(tmp_path: Path, name: str) -> tuple[str, Path, Path]:
     """Submit the tiny CPU job through NeMo-Run; ``(job id, job output dir, NeMo-Run's job dir)``."""
     out = tmp_path / name
-    launch = lossfree_run.load_config(TINY, OVERRIDES)
+    launch = lossfree_run.load_config(TINY, list(SHORT_RUN_OVERRIDES))
     task = demo_worker_script(launch, out)
     executor = lossfree_run.slurm_executor(
         launch, account="lossfree", packager=run.Packager(), time="00:20:00",
@@ -170,7 +164,7 @@ def _submit(tmp_path: Path, name: str) -> tuple[str, Path, Path]:
         # the experiments/ folder of the Experiment's base_dir (default: NEMORUN_HOME).
         tunnel=run.LocalTunnel(job_dir=str(tmp_path / "nemorun-home" / "experiments")),
         # The ranks import this checkout (the lane venv sees the project venv's packages).
-        env_vars={"PYTHONPATH": str(REPO)}, master_port=_free_port(),
+        env_vars={"PYTHONPATH": str(REPO)}, master_port=free_port(),
     )
     with _stdin_devnull(), run.Experiment(name, executor=executor, base_dir=str(tmp_path / "nemorun-home"),
                                           log_level="WARN") as exp:
@@ -183,31 +177,13 @@ def _submit(tmp_path: Path, name: str) -> tuple[str, Path, Path]:
     return job_id, out, job_dir
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def _logs(job_dir: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in sorted(job_dir.glob("log-*.out")))
 
 
-def _results(out: Path) -> dict:
-    return json.loads((out / "results" / "loss_free.json").read_text())
-
-
 @pytest.fixture(scope="module")
-def cluster() -> None:
-    if not os.environ.get("SLURM_CONF") or shutil.which("sbatch") is None:
-        pytest.fail("no SLURM here: start examples/slurm/local_cluster.sh and export SLURM_CONF")
-    subprocess.run(["sinfo"], check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def full_run(cluster, tmp_path_factory) -> Path:
+def full_run(tmp_path_factory) -> Path:
+    require_cluster()
     tmp = tmp_path_factory.mktemp("full")
     job_id, out, job_dir = _submit(tmp, "full")
     info = slurm.wait(job_id, poll_s=1.0, timeout_s=JOB_TIMEOUT_S)
@@ -217,14 +193,14 @@ def full_run(cluster, tmp_path_factory) -> Path:
 
 
 def test_nemo_run_job_completes_and_the_balancer_runs(full_run):
-    result = _results(full_run)
+    result = job_results(full_run)
     assert result["finished"] and result["steps_done"] == 30
     assert any(any(b != 0.0 for b in layer) for layer in result["final_bias"]), "biases never moved"
 
 
 def test_usr1_checkpoints_and_nemo_run_requeues_to_the_same_biases(full_run, tmp_path):
     job_id, out, job_dir = _submit(tmp_path, "preempt")
-    total = _results(full_run)["steps_done"]
+    total = job_results(full_run)["steps_done"]
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while True:
         logs = [p for p in job_dir.glob("log-*.out")]
@@ -252,7 +228,4 @@ def test_usr1_checkpoints_and_nemo_run_requeues_to_the_same_biases(full_run, tmp
     assert "+ scontrol requeue" in text
     start = [e for e in second if e["event"] == "start"]
     assert start and start[0]["resumed_from"] is not None and start[0]["step"] == stopped[0]["step"]
-    resumed, reference = _results(out), _results(full_run)
-    assert resumed["finished"] and resumed["steps_done"] == total
-    assert resumed["final_bias"] == reference["final_bias"]
-    assert resumed["balancer_state"] == reference["balancer_state"]
+    assert_resumed_to_the_same_end(out, full_run)
