@@ -1,8 +1,10 @@
 """Auxiliary-loss-free load balancing for Megatron-Core MoE (Wang et al. 2024).
 
-Public names are imported lazily: ``nemo_lossfree.testing.cpu.enable()`` must be
-able to run before anything imports Megatron-Core's router module (its
-``jit_fuser`` is chosen at import time).
+Public names are imported lazily: the CPU mode,
+``nemo_lossfree.integrations.cpu.enable()`` (also reachable as
+``nemo_lossfree.testing.cpu.enable()``), must be able to run before anything
+imports Megatron-Core's router module (its ``jit_fuser`` is chosen at import
+time).
 """
 
 from importlib import import_module

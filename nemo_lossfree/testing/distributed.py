@@ -25,7 +25,7 @@ def free_port() -> int:
 
 def _child(rank, world_size, port, parallel, fn, args, queue) -> None:
     try:
-        from nemo_lossfree.testing import cpu
+        from nemo_lossfree.integrations import cpu
 
         cpu.enable()
         cpu.init_distributed(rank, world_size, init_method=f"tcp://127.0.0.1:{port}", **parallel)

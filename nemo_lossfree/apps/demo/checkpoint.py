@@ -127,7 +127,7 @@ def save(trainer: ArmTrainer, root: str) -> Path:
     """Collective: every rank calls it after the same step."""
     from megatron.core import dist_checkpointing
 
-    from nemo_lossfree.testing.cpu import cuda_allocations_on_cpu
+    from nemo_lossfree.integrations.cpu import cuda_allocations_on_cpu
 
     arm = arm_dir(root, trainer.arm.name)
     name = f"iter_{trainer.step:07d}"
@@ -204,7 +204,7 @@ def load(trainer: ArmTrainer, directory: Path) -> None:
     """Restore everything ``save`` wrote into a freshly built trainer."""
     from megatron.core import dist_checkpointing
 
-    from nemo_lossfree.testing.cpu import cuda_allocations_on_cpu
+    from nemo_lossfree.integrations.cpu import cuda_allocations_on_cpu
 
     with cuda_allocations_on_cpu():
         state = dist_checkpointing.load(_sharded_state(trainer, is_loading=True), str(directory))

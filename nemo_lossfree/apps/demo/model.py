@@ -2,7 +2,7 @@
 
 Megatron-Core's local layer specs (no Transformer Engine), CPU-initialised
 float32 weights and the allgather dispatcher, so it runs on the CPU under
-``nemo_lossfree.testing.cpu``. The arms differ only in their
+``nemo_lossfree.integrations.cpu``. The arms differ only in their
 ``TransformerConfig`` fields (``arms.py``) and in whether the router is
 ``LossFreeRouter``. The ``GPTModel`` of the spec is ``nemo_lossfree.gpt.gpt_model``
 (the tests' small models are built there too).

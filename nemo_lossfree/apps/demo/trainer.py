@@ -24,7 +24,7 @@ import torch.distributed as dist
 from nemo_lossfree.apps.demo.arms import ARMS
 from nemo_lossfree.apps.demo.corpus import Corpus, MicroBatch, TrainData, validation_batches
 from nemo_lossfree.apps.demo.settings import DemoSettings
-from nemo_lossfree.testing.cpu import cuda_allocations_on_cpu
+from nemo_lossfree.integrations.cpu import cuda_allocations_on_cpu
 
 MAXVIO_TARGET = 0.2
 

@@ -242,8 +242,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     # CPU mode first: it must run before Megatron-Core's router module is imported,
     # and checking the run config imports it (TransformerConfig's module does).
     # Quietly: Megatron's import warnings must not bury a bad flag's one line.
+    from nemo_lossfree.integrations import cpu
     from nemo_lossfree.runconfig.megatron_fields import quiet
-    from nemo_lossfree.testing import cpu
 
     with quiet():
         cpu.enable()

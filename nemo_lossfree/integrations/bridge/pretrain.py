@@ -139,7 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if (merged.get("cluster") or {}).get("gpus_per_node") == 0:
         # The config is laid out for CPU processes (gloo): shim Megatron-Core's
         # CUDA-only calls before anything imports its transformer modules.
-        from nemo_lossfree.testing import cpu
+        from nemo_lossfree.integrations import cpu
 
         cpu.enable()
 
