@@ -46,7 +46,7 @@ def test_each_helper_is_defined_once():
             if isinstance(node, ast.FunctionDef) and node.name in names:
                 defined.setdefault(node.name, []).append(module)
     assert {name: where for name, where in defined.items() if len(where) > 1} == {}
-    assert defined["free_port"] == ["nemo_lossfree/testing/distributed.py"]
+    assert defined["free_port"] == ["nemo_lossfree/integrations/launch.py"]
     assert "apply_score_function" not in defined
 
 

@@ -1,11 +1,14 @@
-"""What every launcher of the training entry points needs: the command line and the environment.
+"""What every launcher of the training entry points needs: the command line, the environment, a port.
 
 One home for both launchers we support: ``nemo-lossfree slurm`` (our sbatch
-script, ``apps/slurm``) and NeMo-Run (``integrations/nemo_run``).
+script, ``apps/slurm``) and NeMo-Run (``integrations/nemo_run``); the demo's
+own launcher and the tests' one-host runs take their rendezvous port from here.
+Imports nothing heavy: launchers start in a plain interpreter.
 """
 
 from __future__ import annotations
 
+import socket
 from typing import Any, Mapping, Optional, Sequence
 
 #: The NeMo framework (Megatron-Bridge) entry point with the ``lossfree`` flag.
@@ -62,3 +65,14 @@ def pretrain_args(config_file: str, overrides: Sequence[str], config: Mapping[st
             and not any(o.startswith("checkpoint.load=") for o in extra):
         extra.append(f"checkpoint.load={checkpoint['save']}")
     return command + extra
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nobody listens on right now (for a one-host rendezvous).
+
+    Only free until someone binds it: callers that race (two demos started at
+    once) retry on ``EADDRINUSE``.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -7,20 +7,13 @@ behaviour (the balancer's all-reduce, expert parallelism) on one machine.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from typing import Any, Callable
 
+from nemo_lossfree.integrations.launch import free_port
 
-def free_port() -> int:
-    """A port on 127.0.0.1 that nobody listens on right now (the demo launcher's too).
-
-    Only free until someone binds it: callers that race (two demos started at
-    once) retry on ``EADDRINUSE``.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# free_port is re-exported: its home is integrations.launch (the demo launcher uses it too).
+__all__ = ["free_port", "run_on_ranks"]
 
 
 def _child(rank, world_size, port, parallel, fn, args, queue) -> None:

@@ -16,7 +16,7 @@ from typing import Optional
 
 from nemo_lossfree.apps.demo.protocol import progress_event
 from nemo_lossfree.exit_codes import EXIT_STOPPED
-from nemo_lossfree.testing.distributed import free_port
+from nemo_lossfree.integrations.launch import free_port
 
 WORLD_SIZE = 2
 
