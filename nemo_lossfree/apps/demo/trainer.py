@@ -221,25 +221,36 @@ class ArmTrainer:
 
     # ----------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self) -> dict[str, object]:
-        """Validation loss and MaxVio_global over the held-out split, all ranks."""
+    def forward_only(self, batches: list[MicroBatch], micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
+        """One forward pass over ``batches`` in eval mode, no gradients; the schedule's loss dict per micro-batch.
+
+        Forward hooks on the routers (load counters, score recorders) see every
+        micro-batch; the balancer counts nothing (no backward). Train mode is
+        restored afterwards, also when the pass fails.
+        """
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from nemo_lossfree.metrics import RouterLoadRecorder, max_violation
-
-        s = self.settings
         self.model.eval()
-        with RouterLoadRecorder(self.model) as recorder:
-            losses = get_forward_backward_func()(
+        try:
+            return get_forward_backward_func()(
                 forward_step_func=forward_step,
-                data_iterator=iter(self.val_batches),
+                data_iterator=iter(batches),
                 model=[self.model],
-                num_microbatches=len(self.val_batches),
-                seq_length=s.seq_length,
-                micro_batch_size=s.val_micro_batch_size,
+                num_microbatches=len(batches),
+                seq_length=self.settings.seq_length,
+                micro_batch_size=micro_batch_size,
                 forward_only=True,
             )
-        self.model.train()
+        finally:
+            self.model.train()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, object]:
+        """Validation loss and MaxVio_global over the held-out split, all ranks."""
+        from nemo_lossfree.metrics import RouterLoadRecorder, max_violation
+
+        with RouterLoadRecorder(self.model) as recorder:
+            losses = self.forward_only(self.val_batches, self.settings.val_micro_batch_size)
         # Weighted by windows: the last micro-batch may be smaller than the rest.
         windows = torch.tensor([b.tokens.shape[0] for b in self.val_batches], dtype=torch.float64)
         per_batch = torch.stack([d["lm loss"] for d in losses]).double()
