@@ -54,52 +54,21 @@ def _worker_main(argv: list[str]) -> int:
 
     cpu.enable()
     import numpy as np
-    import torch
     import torch.distributed as dist
 
     from nemo_lossfree.apps.demo import trainer as trainer_module
     from nemo_lossfree.apps.demo import worker
-    from nemo_lossfree.scores import router_scores
+
+    from demo_recording import router_scores_over
 
     evaluate = trainer_module.ArmTrainer.evaluate
 
-    @torch.no_grad()
-    def scores_of(self, batches) -> list[np.ndarray]:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        store: list[list[np.ndarray]] = [[] for _ in self.routers]
-        score_function = self.settings.score_function
-
-        def hook_for(index):
-            def hook(router, args, output):
-                hidden = args[0].reshape(-1, args[0].shape[-1])
-                logits = router.gating(hidden).float()
-                scores = router_scores(logits, score_function)
-                store[index].append(scores.numpy())
-            return hook
-
-        handles = [r.register_forward_hook(hook_for(i)) for i, r in enumerate(self.routers)]
-        self.model.eval()
-        try:
-            with trainer_module.cuda_allocations_on_cpu():
-                get_forward_backward_func()(
-                    forward_step_func=trainer_module.forward_step, data_iterator=iter(batches),
-                    model=[self.model], num_microbatches=len(batches),
-                    seq_length=self.settings.seq_length,
-                    micro_batch_size=self.settings.micro_batch_size, forward_only=True,
-                )
-        finally:
-            for handle in handles:
-                handle.remove()
-            self.model.train()
-        return [np.concatenate(parts) for parts in store]
-
     def evaluate_and_record(self):
         result = evaluate(self)
-        # Megatron's hidden states are [s, b, h]: the scores come out s-major per micro-batch.
-        arrays = {f"val_{i}": a for i, a in enumerate(scores_of(self, self.val_batches))}
+        val = router_scores_over(self, self.val_batches, self.settings.val_micro_batch_size)
         sample = [mb for k in range(TRAIN_SAMPLE_STEPS) for mb in self.train_data.step(10**6 + k)]
-        arrays.update({f"train_{i}": a for i, a in enumerate(scores_of(self, sample))})
+        train = router_scores_over(self, sample, self.settings.micro_batch_size)
+        arrays = {f"val_{i}": a for i, a in enumerate(val)} | {f"train_{i}": a for i, a in enumerate(train)}
         arrays["bias"] = np.stack([r.expert_bias.float().numpy() for r in self.routers])
         out = Path(os.environ[SCORES_ENV])
         np.savez(out / f"scores_rank{dist.get_rank()}.npz", **arrays)

@@ -1,8 +1,9 @@
-"""Run a recording benchmark's own script as the demo's worker on local ranks.
+"""What the recording benchmarks share: their workers on local ranks, and the routers' scores.
 
 ``replay_rules.py`` and ``demo_bias_headroom.py`` both wrap the demo worker to
 record router scores; each starts itself once per rank with the scores'
-output directory in an environment variable the worker side reads.
+output directory in an environment variable the worker side reads, and
+records every router's scores over a forward-only pass of the demo model.
 """
 
 from __future__ import annotations
@@ -30,3 +31,30 @@ def run_recording_workers(script: str, out_env: str, out: Path, world: int, port
         print(f"worker exit codes {codes}; see {out}/rank*.log", file=sys.stderr)
         return 1
     return 0
+
+
+def router_scores_over(trainer, batches, micro_batch_size: int) -> list:
+    """Every router's unbiased scores ``[N, E]`` (numpy) over one forward-only pass of ``batches``.
+
+    ``trainer`` is the demo's ``ArmTrainer``. Megatron's hidden states are
+    ``[s, b, h]``: the rows come out s-major per micro-batch.
+    """
+    import numpy as np
+
+    from nemo_lossfree.scores import router_scores
+
+    store: list[list] = [[] for _ in trainer.routers]
+
+    def hook_for(index: int):
+        def hook(router, args, output):
+            hidden = args[0].reshape(-1, args[0].shape[-1])
+            store[index].append(router_scores(router.gating(hidden).float(), router.score_function).numpy())
+        return hook
+
+    handles = [router.register_forward_hook(hook_for(i)) for i, router in enumerate(trainer.routers)]
+    try:
+        trainer.forward_only(batches, micro_batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [np.concatenate(parts) for parts in store]

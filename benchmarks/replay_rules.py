@@ -51,6 +51,8 @@ def _worker_main(argv: list[str]) -> int:
     from nemo_lossfree.apps.demo import worker
     from nemo_lossfree.router import LossFreeRouter
 
+    from demo_recording import router_scores_over
+
     out = Path(os.environ[SCORES_ENV])
     original_init = trainer_module.ArmTrainer.__init__
     original_evaluate = trainer_module.ArmTrainer.evaluate
@@ -76,32 +78,9 @@ def _worker_main(argv: list[str]) -> int:
         for i, router in enumerate(self._replay_routers):
             router.register_forward_hook(hook_for(i))
 
-    @torch.no_grad()
     def evaluate_and_record(self):
         result = original_evaluate(self)
-        val: list[list] = [[] for _ in self._replay_routers]
-
-        def val_hook_for(index):
-            def hook(router, args, output):
-                hidden = args[0].reshape(-1, args[0].shape[-1])
-                val[index].append(router._scores(router.gating(hidden).float()).numpy())
-            return hook
-
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        handles = [r.register_forward_hook(val_hook_for(i)) for i, r in enumerate(self._replay_routers)]
-        self.model.eval()
-        try:
-            get_forward_backward_func()(
-                forward_step_func=trainer_module.forward_step, data_iterator=iter(self.val_batches),
-                model=[self.model], num_microbatches=len(self.val_batches),
-                seq_length=self.settings.seq_length,
-                micro_batch_size=self.settings.val_micro_batch_size, forward_only=True,
-            )
-        finally:
-            for handle in handles:
-                handle.remove()
-            self.model.train()
+        val = router_scores_over(self, self.val_batches, self.settings.val_micro_batch_size)
         rank = dist.get_rank()
         arrays = {}
         micro = self.settings.num_micro_batches  # the hooks saw one forward per micro-batch
@@ -109,7 +88,7 @@ def _worker_main(argv: list[str]) -> int:
             train = np.stack(recorded["train"][i])
             arrays[f"train_{i}"] = train.reshape(-1, micro, *train.shape[1:])  # [steps, micro-batches, T, E]
             arrays[f"bias_{i}"] = np.stack(recorded["bias"][i])[::micro]  # [steps, E]: the bias each step used
-            arrays[f"val_{i}"] = np.concatenate(val[i])
+            arrays[f"val_{i}"] = val[i]
             arrays[f"final_bias_{i}"] = self._replay_routers[i].expert_bias.float().numpy()
         np.savez(out / f"scores_rank{rank}.npz", **arrays)
         return result
