@@ -60,10 +60,11 @@ ASSUMED_STEP_S = (20.0, 1.0)
 
 
 class CollectiveCounter:
-    """Counts calls to torch.distributed collectives while active."""
+    """Counts calls to torch.distributed collectives, and the seconds spent in them, while active."""
 
     def __init__(self) -> None:
         self.calls: dict[str, int] = {}
+        self.seconds = 0.0
         self._saved: dict[str, Any] = {}
 
     def __enter__(self) -> CollectiveCounter:
@@ -77,7 +78,11 @@ class CollectiveCounter:
 
             def counted(*args, __name=name, __original=original, **kwargs):
                 self.calls[__name] = self.calls.get(__name, 0) + 1
-                return __original(*args, **kwargs)
+                begin = time.perf_counter()
+                try:
+                    return __original(*args, **kwargs)
+                finally:
+                    self.seconds += time.perf_counter() - begin
 
             setattr(dist, name, counted)
         return self
@@ -274,7 +279,11 @@ def measure(rank: int, world_size: int, options: dict[str, Any]) -> Optional[dic
     # Interleaved timing; every rank runs the same order, a barrier aligns the starts.
     names = list(runs) + ["overlapped"]
     seconds: dict[str, list[float]] = {n: [] for n in names}
+    # This rank's time inside the step's collective (the transfer plus waiting
+    # for the other ranks): what is left of a step is its computation.
+    in_collective: dict[str, list[float]] = {n: [] for n in runs}
     overlap_ms = options["overlap_ms"]
+    collective_clock = CollectiveCounter().__enter__()
     for rep in range(options["warmup"] + options["repetitions"]):
         order = names[rep % len(names):] + names[: rep % len(names)]
         for name in order:
@@ -289,14 +298,18 @@ def measure(rank: int, world_size: int, options: dict[str, Any]) -> Optional[dic
                 overlapped.finish()
                 elapsed = critical + time.perf_counter() - begin
             else:
+                before = collective_clock.seconds
                 begin = time.perf_counter()
                 runs[name]()
                 elapsed = time.perf_counter() - begin
+                if rep >= options["warmup"]:
+                    in_collective[name].append(collective_clock.seconds - before)
             # A step is as slow as its slowest rank.
             slowest = torch.tensor([elapsed], dtype=torch.float64)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
             if rep >= options["warmup"]:
                 seconds[name].append(slowest.item())
+    collective_clock.__exit__(None, None, None)
 
     # Same update on every rank (the reduction is global): check it.
     bias = torch.cat([r.expert_bias for r in ours]).double()
@@ -314,6 +327,8 @@ def measure(rank: int, world_size: int, options: dict[str, Any]) -> Optional[dic
         "overlap_ms": overlap_ms,
         "median_ms": {n: 1e3 * timing.median(s) for n, s in seconds.items()},
         "min_ms": {n: 1e3 * min(s) for n, s in seconds.items()},
+        # Rank 0's own step, split: time inside the collective, and the rest.
+        "in_collective_ms": {n: 1e3 * timing.median(s) for n, s in in_collective.items()},
         "collectives_per_step": collectives,
         "host_syncs_per_step": host_syncs,
         "upstream_error": upstream_error,
@@ -442,7 +457,8 @@ def run_world(world_size: int, options: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    header = ["ranks", "routers (experts)", "variant", "ms / step", "collectives / step", "host syncs / step",
+    header = ["ranks", "routers (experts)", "variant", "ms / step", "of which in the collective (rank 0)",
+              "collectives / step", "host syncs / step",
               f"of a {ASSUMED_STEP_S[0]:.0f} s step", f"of a {ASSUMED_STEP_S[1]:.0f} s step",
               "ratio vs upstream"]
     body = []
@@ -452,14 +468,15 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             ratio = {"lossfree": row.get("ratio_lossfree_vs_upstream"),
                      "lossfree_nolog": row.get("ratio_lossfree_nolog_vs_upstream")}.get(name)
             label = name + (f" ({row['overlap_ms']:.0f} ms overlapped)" if name == "overlapped" else "")
-            body.append([row["world_size"], routers, label, ms,
+            in_collective = row.get("in_collective_ms", {}).get(name)
+            body.append([row["world_size"], routers, label, ms, "-" if in_collective is None else in_collective,
                          row["collectives_per_step"][name]["total"],
                          sum(row["host_syncs_per_step"].get(name, {}).values()) if name in row["host_syncs_per_step"]
                          else "-",
                          f"{ms / 1e3 / ASSUMED_STEP_S[0]:.1e}", f"{ms / 1e3 / ASSUMED_STEP_S[1]:.1e}",
                          "-" if ratio is None else f"{ratio:.2f}"])
         if row["upstream_error"]:
-            body.append([row["world_size"], routers, "upstream", "fails", "-", "-", "-", "-",
+            body.append([row["world_size"], routers, "upstream", "fails", "-", "-", "-", "-", "-",
                          row["upstream_error"][:60]])
     return timing.markdown_table(header, body)
 
