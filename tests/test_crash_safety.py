@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -43,15 +44,41 @@ runpy.run_module("nemo_lossfree.apps.demo.worker", run_name="__main__")
 """
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies, dead but not yet reaped, do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        state, group = fields[0], int(fields[2])
+        if group == pgid and state != "Z":
+            return True
+    return False
+
+
+def _kill_group(pgid: int) -> None:
+    """What a node that goes down does: every process of the worker's session dies, children too."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def _run_until_rank1_is_killed(argv, timeout=600):
     from nemo_lossfree.testing.distributed import free_port
 
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
+    # Each rank in a session of its own: a rank's children (Megatron's async
+    # checkpoint writer starts a multiprocessing Manager server) outlive a
+    # SIGKILL of the rank itself, and would be left running after the test.
     procs = [subprocess.Popen([sys.executable, "-c", KILLED_WORKER, *argv], env=dict(env, RANK=str(r)),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
              for r in range(2)]
     try:
         assert procs[1].wait(timeout=timeout) == -signal.SIGKILL, procs[1].stderr.read()[-3000:]
+        _kill_group(procs[1].pid)  # the node that lost rank 1 loses its children too
         time.sleep(0.5)
         if procs[0].poll() is None:  # waiting for its dead peer: the node went down with it
             procs[0].kill()
@@ -60,7 +87,13 @@ def _run_until_rank1_is_killed(argv, timeout=600):
         for p in procs:
             if p.poll() is None:
                 p.kill()
+            _kill_group(p.pid)
             p.stderr.close()
+    deadline = time.monotonic() + 30
+    while any(_group_alive(p.pid) for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [p.pid for p in procs if _group_alive(p.pid)]
+    assert left == [], f"processes of the killed run's sessions {left} are still running"
 
 
 @pytest.mark.timeout(1500)
