@@ -283,33 +283,32 @@ def measure(rank: int, world_size: int, options: dict[str, Any]) -> Optional[dic
     # for the other ranks): what is left of a step is its computation.
     in_collective: dict[str, list[float]] = {n: [] for n in runs}
     overlap_ms = options["overlap_ms"]
-    collective_clock = CollectiveCounter().__enter__()
-    for rep in range(options["warmup"] + options["repetitions"]):
-        order = names[rep % len(names):] + names[: rep % len(names)]
-        for name in order:
-            fill_counts()
-            dist.barrier()
-            if name == "overlapped":
-                begin = time.perf_counter()
-                overlapped.start()
-                critical = time.perf_counter() - begin
-                busy_ms(overlap_ms)  # the optimizer step the all-reduce hides behind
-                begin = time.perf_counter()
-                overlapped.finish()
-                elapsed = critical + time.perf_counter() - begin
-            else:
-                before = collective_clock.seconds
-                begin = time.perf_counter()
-                runs[name]()
-                elapsed = time.perf_counter() - begin
+    with CollectiveCounter() as collective_clock:
+        for rep in range(options["warmup"] + options["repetitions"]):
+            order = names[rep % len(names):] + names[: rep % len(names)]
+            for name in order:
+                fill_counts()
+                dist.barrier()
+                if name == "overlapped":
+                    begin = time.perf_counter()
+                    overlapped.start()
+                    critical = time.perf_counter() - begin
+                    busy_ms(overlap_ms)  # the optimizer step the all-reduce hides behind
+                    begin = time.perf_counter()
+                    overlapped.finish()
+                    elapsed = critical + time.perf_counter() - begin
+                else:
+                    before = collective_clock.seconds
+                    begin = time.perf_counter()
+                    runs[name]()
+                    elapsed = time.perf_counter() - begin
+                    if rep >= options["warmup"]:
+                        in_collective[name].append(collective_clock.seconds - before)
+                # A step is as slow as its slowest rank.
+                slowest = torch.tensor([elapsed], dtype=torch.float64)
+                dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
                 if rep >= options["warmup"]:
-                    in_collective[name].append(collective_clock.seconds - before)
-            # A step is as slow as its slowest rank.
-            slowest = torch.tensor([elapsed], dtype=torch.float64)
-            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-            if rep >= options["warmup"]:
-                seconds[name].append(slowest.item())
-    collective_clock.__exit__(None, None, None)
+                    seconds[name].append(slowest.item())
 
     # Same update on every rank (the reduction is global): check it.
     bias = torch.cat([r.expert_bias for r in ours]).double()
